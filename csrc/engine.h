@@ -1,0 +1,60 @@
+/* engine.h — internal contract between the XTS dispatcher (xts.c) and engines.
+ *
+ * An engine fills ctx->priv (secure memory, ctx->priv_len bytes) in init and
+ * processes whole sectors in crypt.  crypt runs on any thread, concurrently with
+ * other crypt calls on the same ctx, so it must only read ctx.  Arguments are
+ * already validated by xts.c (sector_size a power of two in 512..4096, nsec>=1,
+ * key_len 32 or 64).
+ */
+#ifndef KLC_ENGINE_H
+#define KLC_ENGINE_H
+#include "klcrypt.h"
+
+struct klc_xts;
+
+struct klc_engine_ops {
+    int id;
+    const char *name;
+    int (*available)(void);
+    /* priv_size: bytes of secure memory the engine wants for this key length */
+    size_t (*priv_size)(size_t key_len);
+    int (*init)(struct klc_xts *ctx, const uint8_t *key, size_t key_len);
+    int (*crypt)(const struct klc_xts *ctx, int encrypt, uint8_t *dst,
+                 const uint8_t *src, size_t nsec, uint32_t sector_size,
+                 uint64_t first_tweak);
+    void (*fini)(struct klc_xts *ctx);   /* may be NULL; priv is wiped by xts.c */
+};
+
+struct klc_xts {
+    const struct klc_engine_ops *ops;
+    size_t key_len;       /* 32 or 64 (raw XTS key); for handles, the raw key's length */
+    void *priv;           /* engine state in secure memory */
+    size_t priv_len;
+};
+
+/* Registered engines (NULL where not compiled). */
+extern const struct klc_engine_ops klc_engine_openssl;
+extern const struct klc_engine_ops klc_engine_aesni;
+extern const struct klc_engine_ops klc_engine_vaes;
+
+/* CPU features, detected once (cpu.c). */
+struct klc_cpu {
+    int aesni, pclmul, avx, avx2, vaes, vpclmulqdq, ymm_os;  /* ymm_os: XGETBV says YMM state on */
+    int kl, aeskle, widekl, hypervisor;
+};
+const struct klc_cpu *klc_cpu(void);
+
+/* Multiply a 128-bit XTS tweak (little-endian bytes) by x in GF(2^128). */
+static inline void klc_gf_double(uint8_t t[16])
+{
+    uint64_t lo, hi;
+    __builtin_memcpy(&lo, t, 8);
+    __builtin_memcpy(&hi, t + 8, 8);
+    uint64_t carry = (uint64_t)((int64_t)hi >> 63) & 0x87;
+    hi = (hi << 1) | (lo >> 63);
+    lo = (lo << 1) ^ carry;
+    __builtin_memcpy(t, &lo, 8);
+    __builtin_memcpy(t + 8, &hi, 8);
+}
+
+#endif

@@ -1,0 +1,73 @@
+/* klcrypt.h — public C API of klcrypt's native core (engines and shared codes).
+ *
+ * This header is the single source of the cffi cdef (csrc/build_ffi.py reads it,
+ * dropping preprocessor lines that are not simple integer #defines) and it is
+ * compiled into every C file, so the compiler checks each prototype.
+ * Keep it cdef-safe: plain declarations, integer #defines, no macros with bodies.
+ */
+#ifndef KLCRYPT_H
+#define KLCRYPT_H
+#include <stddef.h>
+#include <stdint.h>
+
+/* Status codes: every klc_* function returns 0 or one of these (negative). */
+#define KLC_OK                 0
+#define KLC_ERR_ARG           -1   /* bad argument (key length, sector size, length) */
+#define KLC_ERR_NOMEM         -2   /* allocation or mlock failed */
+#define KLC_ERR_UNSUPPORTED   -3   /* engine not available on this CPU/build */
+#define KLC_ERR_KEYLOCKER     -4   /* a Key Locker instruction reported failure (ZF=1) */
+#define KLC_ERR_CRYPTO        -5   /* the crypto library reported failure */
+#define KLC_ERR_IO            -6   /* I/O error */
+
+/* Engine identifiers (stable: also used by the Python wrapper and the CLI). */
+#define KLC_ENGINE_AUTO        0
+#define KLC_ENGINE_OPENSSL     1   /* libcrypto EVP aes-xts: portable fallback, reference */
+#define KLC_ENGINE_AESNI       2   /* AES-NI, raw key schedule in locked memory */
+#define KLC_ENGINE_VAES        3   /* VAES+VPCLMULQDQ on ymm (AVX2), raw key schedule */
+#define KLC_ENGINE_KL          4   /* Key Locker instructions with handles (hw or trap-emulated) */
+#define KLC_ENGINE_KLEMU       5   /* emulated Key Locker platform, fast path */
+#define KLC_ENGINE_MAX         5
+
+/* ---- engines --------------------------------------------------------- */
+/* 1 if the engine can run here (CPU features, OS-enabled state), else 0. */
+int klc_engine_available(int engine);
+/* Short lowercase name ("vaes", ...) or NULL for an unknown id. */
+const char *klc_engine_name(int engine);
+/* The fastest available raw-key engine. */
+int klc_engine_best(void);
+
+/* ---- AES-XTS contexts -------------------------------------------------- */
+typedef struct klc_xts klc_xts;
+
+/* Make a context for a raw XTS key (32 bytes = AES-128-XTS, 64 = AES-256-XTS;
+ * data key first, tweak key second).  Key schedules are kept in mlocked,
+ * MADV_DONTDUMP memory and wiped by klc_xts_free.  The caller's key buffer is
+ * not retained. */
+int klc_xts_new(int engine, const uint8_t *key, size_t key_len, klc_xts **out);
+void klc_xts_free(klc_xts *ctx);
+int klc_xts_engine(const klc_xts *ctx);
+size_t klc_xts_key_len(const klc_xts *ctx);
+
+/* Encrypt (encrypt=1) or decrypt (encrypt=0) len bytes = len/sector_size
+ * consecutive sectors.  sector_size: power of two, 512..4096.  Sector i uses the
+ * tweak first_tweak + i * (sector_size / 512) as a 64-bit little-endian number
+ * padded to 16 bytes (LUKS2 plain64; wraps modulo 2^64).  dst may equal src
+ * (in place) or not overlap it; any alignment.  max_threads: 0 = the library's
+ * default split across cores, 1 = the calling thread only, n = at most n.
+ * On error nothing is guaranteed about dst, and the caller must not use it. */
+int klc_xts_crypt(klc_xts *ctx, int encrypt, uint8_t *dst, const uint8_t *src,
+                  size_t len, uint32_t sector_size, uint64_t first_tweak,
+                  int max_threads);
+
+/* ---- the thread pool used to split large calls --------------------------- */
+int klc_pool_threads(void);              /* worker count incl. the caller */
+size_t klc_pool_split_min(void);         /* bytes below which a call is not split */
+void klc_pool_set_split_min(size_t bytes);
+
+/* ---- secure memory ---------------------------------------------------- */
+/* mlocked, MADV_DONTDUMP, zeroed; freed with a wipe.  NULL on failure. */
+void *klc_secure_alloc(size_t len);
+void klc_secure_free(void *p, size_t len);
+void klc_wipe(void *p, size_t len);      /* memset that the compiler keeps */
+
+#endif

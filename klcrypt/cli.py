@@ -1,0 +1,87 @@
+"""klcrypt's command line: a declarative verb table drives argparse, --help and
+the man page's verb list.  Only main() turns exceptions into exit codes.
+
+A verb lives in klcrypt/verbs/<module>.py with:
+    add_arguments(parser)   -- its options
+    run(args) -> int        -- does the work; raises klcrypt.errors.* on failure
+"""
+import argparse
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+
+from . import __version__
+from .errors import KlcryptError
+from .exitcodes import DESCRIPTIONS, ExitCode
+
+
+@dataclass(frozen=True)
+class Verb:
+    name: str
+    module: str          # klcrypt.verbs.<module>
+    summary: str
+
+
+# The verbs that work.  Order = order in --help and in klcrypt(8).
+VERBS = [
+    Verb("benchmark", "benchmark", "measure the AES-XTS engines (MiB/s, like cryptsetup benchmark)"),
+]
+
+
+def _exit_code_epilog() -> str:
+    rows = [f"  {int(c):>2}  {DESCRIPTIONS[c]}" for c in ExitCode]
+    return "exit codes:\n" + "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="klcrypt",
+        description="dm-crypt in userspace with Intel Key Locker: LUKS2 aes-xts-plain64 "
+                    "volumes mapped to a plaintext file through FUSE.",
+        epilog=_exit_code_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"klcrypt {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (never keys)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for verb in VERBS:
+        mod = importlib.import_module(f"klcrypt.verbs.{verb.module}")
+        p = sub.add_parser(verb.name, help=verb.summary, description=verb.summary)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)   # argparse exits 2 on bad usage; remapped below
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="klcrypt: %(message)s")
+    try:
+        rc = args._run(args)
+        return int(rc or 0)
+    except KlcryptError as e:
+        if args.debug:
+            raise
+        print(f"klcrypt: {e}", file=sys.stderr)
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        print("klcrypt: interrupted", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
+
+
+def entry() -> None:
+    try:
+        sys.exit(main())
+    except SystemExit as e:
+        # argparse uses 2 for usage errors; cryptsetup's 2 means "no permission".
+        if e.code == 2:
+            sys.exit(int(ExitCode.USAGE))
+        raise
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,19 @@
+"""`klcrypt benchmark`: AES-XTS throughput per engine, like `cryptsetup benchmark`."""
+import json
+
+from .. import bench
+
+
+def add_arguments(p):
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--seconds", type=float, default=0.25,
+                   help="time per measurement (default 0.25)")
+
+
+def run(args) -> int:
+    rows = bench.cipher_rows(seconds=args.seconds)
+    if args.json:
+        print(json.dumps({"cipher": rows}, indent=2))
+    else:
+        print(bench.format_cipher_table(rows))
+    return 0

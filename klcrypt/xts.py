@@ -1,0 +1,127 @@
+"""The one checked Python wrapper around the C AES-XTS engines.
+
+Everything in klcrypt that encrypts sectors from Python (keyslot areas, the
+benchmark, `format --wipe`, known-answer checks, tests) goes through XTS.
+"""
+import os
+
+from . import errors
+from .native import check, ffi, lib
+
+ENGINE_IDS = {
+    "openssl": lib.KLC_ENGINE_OPENSSL,
+    "aesni": lib.KLC_ENGINE_AESNI,
+    "vaes": lib.KLC_ENGINE_VAES,
+    "kl": lib.KLC_ENGINE_KL,
+    "klemu": lib.KLC_ENGINE_KLEMU,
+}
+RAW_KEY_ENGINES = ("vaes", "aesni", "openssl")
+ENV_ENGINE = "KLCRYPT_ENGINE"   # overrides engine="auto" (tests, benchmarks)
+
+
+def engine_name(engine_id: int) -> str:
+    p = lib.klc_engine_name(engine_id)
+    return ffi.string(p).decode() if p != ffi.NULL else f"engine{engine_id}"
+
+
+def available_engines() -> list[str]:
+    """Raw-key engines usable on this CPU, fastest first."""
+    return [n for n in RAW_KEY_ENGINES if lib.klc_engine_available(ENGINE_IDS[n])]
+
+
+def best_engine() -> str:
+    return engine_name(lib.klc_engine_best())
+
+
+def resolve_engine(engine: str = "auto") -> str:
+    """Map 'auto' (or $KLCRYPT_ENGINE) to a concrete raw-key engine name."""
+    if engine == "auto":
+        engine = os.environ.get(ENV_ENGINE, "") or "auto"
+    if engine == "auto":
+        return best_engine()
+    if engine not in RAW_KEY_ENGINES:
+        raise errors.UsageError(
+            f"unknown engine '{engine}' (choose from auto, {', '.join(RAW_KEY_ENGINES)})")
+    if not lib.klc_engine_available(ENGINE_IDS[engine]):
+        raise errors.UnsupportedError(f"engine '{engine}' is not available on this CPU")
+    return engine
+
+
+def _check_sector_args(length: int, sector_size: int) -> None:
+    if sector_size < 512 or sector_size > 4096 or sector_size & (sector_size - 1):
+        raise errors.UsageError(f"sector size {sector_size} is not a power of two in 512..4096")
+    if length % sector_size:
+        raise errors.UsageError(
+            f"data length {length} is not a multiple of the sector size {sector_size}")
+
+
+class XTS:
+    """An AES-XTS key (32 bytes: AES-128-XTS, 64 bytes: AES-256-XTS) bound to an engine.
+
+    The key is copied into C secure memory; the caller should wipe its own copy.
+    Use as a context manager or call close() to wipe the C copy.
+    """
+
+    def __init__(self, key, engine: str = "auto"):
+        key_len = len(key)
+        if key_len not in (32, 64):
+            raise errors.UsageError(f"XTS key must be 32 or 64 bytes, not {key_len}")
+        self.engine = resolve_engine(engine)
+        out = ffi.new("klc_xts **")
+        keybuf = ffi.from_buffer(key) if not isinstance(key, bytes) else key
+        check(lib.klc_xts_new(ENGINE_IDS[self.engine], keybuf, key_len, out),
+              f"creating a {self.engine} AES-XTS context")
+        self._ctx = out[0]
+        self.key_len = key_len
+
+    @classmethod
+    def _from_ctx(cls, ctx, key_len: int):
+        self = cls.__new__(cls)
+        self._ctx = ctx
+        self.key_len = key_len
+        self.engine = engine_name(lib.klc_xts_engine(ctx))
+        return self
+
+    def _crypt(self, encrypt: int, data, sector_size: int, tweak: int, threads: int,
+               out=None):
+        if self._ctx is None:
+            raise errors.UsageError("XTS context is closed")
+        n = len(memoryview(data).cast("B"))
+        _check_sector_args(n, sector_size)
+        if not 0 <= tweak < 1 << 64:
+            raise errors.UsageError("tweak must be in 0 .. 2^64-1")
+        if out is None:
+            out = bytearray(n)
+        elif len(memoryview(out).cast("B")) != n:
+            raise errors.UsageError("output buffer length differs from input")
+        src = ffi.from_buffer(data)
+        dst = ffi.from_buffer(out, require_writable=True)
+        check(lib.klc_xts_crypt(self._ctx, encrypt, dst, src, n, sector_size, tweak, threads),
+              "AES-XTS " + ("encryption" if encrypt else "decryption"))
+        return out
+
+    def encrypt(self, data, sector_size: int = 512, tweak: int = 0, threads: int = 0,
+                out=None):
+        """Encrypt whole sectors; returns a new bytearray (or fills out, which may be data)."""
+        return self._crypt(1, data, sector_size, tweak, threads, out)
+
+    def decrypt(self, data, sector_size: int = 512, tweak: int = 0, threads: int = 0,
+                out=None):
+        return self._crypt(0, data, sector_size, tweak, threads, out)
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None) is not None:
+            lib.klc_xts_free(self._ctx)
+            self._ctx = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def __repr__(self) -> str:  # never shows key material
+        return f"<XTS engine={self.engine} key_bits={self.key_len * 8}>"
