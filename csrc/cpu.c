@@ -43,3 +43,14 @@ const struct klc_cpu *klc_cpu(void)
     pthread_once(&cpu_once, detect);
     return &cpu;
 }
+
+unsigned klc_cpu_flags(void)
+{
+    const struct klc_cpu *c = klc_cpu();
+    return (c->aesni ? KLC_CPU_AESNI : 0) | (c->pclmul ? KLC_CPU_PCLMUL : 0) |
+           (c->avx ? KLC_CPU_AVX : 0) | (c->avx2 ? KLC_CPU_AVX2 : 0) |
+           (c->vaes ? KLC_CPU_VAES : 0) | (c->vpclmulqdq ? KLC_CPU_VPCLMULQDQ : 0) |
+           (c->ymm_os ? KLC_CPU_YMM_OS : 0) | (c->kl ? KLC_CPU_KL : 0) |
+           (c->aeskle ? KLC_CPU_AESKLE : 0) | (c->widekl ? KLC_CPU_WIDEKL : 0) |
+           (c->hypervisor ? KLC_CPU_HYPERVISOR : 0);
+}

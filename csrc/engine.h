@@ -37,6 +37,19 @@ extern const struct klc_engine_ops klc_engine_openssl;
 extern const struct klc_engine_ops klc_engine_aesni;
 extern const struct klc_engine_ops klc_engine_vaes;
 
+/* AES key expansion with AES-NI (xts_aesni.c; the caller must have checked
+ * klc_cpu()->aesni).  key_bytes 16 or 32; writes 11 or 15 round keys of 16
+ * bytes to enc_out and, if dec_out is not NULL, the equivalent-inverse-cipher
+ * schedule (for AESDEC) to dec_out.  Wipes its own temporaries. */
+void klc_aesni_expand_key(const uint8_t *key, size_t key_bytes, uint8_t *enc_out,
+                          uint8_t *dec_out);
+
+/* Run ctx->ops->crypt over nsec sectors, split across the thread pool
+ * (pool.c); max_threads as in klc_xts_crypt.  Returns the first error. */
+int klc_pool_crypt(const struct klc_xts *ctx, int encrypt, uint8_t *dst,
+                   const uint8_t *src, size_t nsec, uint32_t sector_size,
+                   uint64_t first_tweak, int max_threads);
+
 /* CPU features, detected once (cpu.c). */
 struct klc_cpu {
     int aesni, pclmul, avx, avx2, vaes, vpclmulqdq, ymm_os;  /* ymm_os: XGETBV says YMM state on */

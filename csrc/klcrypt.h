@@ -59,6 +59,21 @@ int klc_xts_crypt(klc_xts *ctx, int encrypt, uint8_t *dst, const uint8_t *src,
                   size_t len, uint32_t sector_size, uint64_t first_tweak,
                   int max_threads);
 
+/* ---- CPU features (cpu.c; detected once) -------------------------------- */
+#define KLC_CPU_AESNI          0x001
+#define KLC_CPU_PCLMUL         0x002
+#define KLC_CPU_AVX            0x004
+#define KLC_CPU_AVX2           0x008
+#define KLC_CPU_VAES           0x010
+#define KLC_CPU_VPCLMULQDQ     0x020
+#define KLC_CPU_YMM_OS         0x040   /* the OS saves YMM state (XGETBV) */
+#define KLC_CPU_KL             0x080   /* Key Locker (CPUID.7.ECX[23]) */
+#define KLC_CPU_AESKLE         0x100
+#define KLC_CPU_WIDEKL         0x200
+#define KLC_CPU_HYPERVISOR     0x400
+/* Bitmask of KLC_CPU_* found on this CPU. */
+unsigned klc_cpu_flags(void);
+
 /* ---- the thread pool used to split large calls --------------------------- */
 int klc_pool_threads(void);              /* worker count incl. the caller */
 size_t klc_pool_split_min(void);         /* bytes below which a call is not split */

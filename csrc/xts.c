@@ -12,6 +12,8 @@
  * BEST_ORDER below (fastest raw-key engine first). */
 static const struct klc_engine_ops *const engines[KLC_ENGINE_MAX + 1] = {
     [KLC_ENGINE_OPENSSL] = &klc_engine_openssl,
+    [KLC_ENGINE_AESNI] = &klc_engine_aesni,
+    [KLC_ENGINE_VAES] = &klc_engine_vaes,
 };
 static const int BEST_ORDER[] = {KLC_ENGINE_VAES, KLC_ENGINE_AESNI, KLC_ENGINE_OPENSSL};
 
@@ -103,17 +105,14 @@ int klc_xts_crypt(klc_xts *ctx, int encrypt, uint8_t *dst, const uint8_t *src,
 {
     if (!ctx || !dst || !src || !valid_sector_size(sector_size) || len % sector_size)
         return KLC_ERR_ARG;
-    if (dst != src && dst < src + len && src < dst + len)
+    uintptr_t d = (uintptr_t)dst, s = (uintptr_t)src;
+    if (d != s && (d - s < len || s - d < len))   /* unsigned: one of them wraps */
         return KLC_ERR_ARG;   /* partial overlap */
+    if (max_threads < 0)
+        return KLC_ERR_ARG;
     if (len == 0)
         return KLC_OK;
-    return ctx->ops->crypt(ctx, encrypt ? 1 : 0, dst, src, len / sector_size,
-                           sector_size, first_tweak);
+    /* pool.c splits big calls across threads; small ones run right here */
+    return klc_pool_crypt(ctx, encrypt ? 1 : 0, dst, src, len / sector_size,
+                          sector_size, first_tweak, max_threads);
 }
-
-/* The thread pool comes with the multi-core split; until then calls run on
- * the caller's thread only. */
-int klc_pool_threads(void) { return 1; }
-static size_t split_min = (size_t)1 << 20;
-size_t klc_pool_split_min(void) { return split_min; }
-void klc_pool_set_split_min(size_t bytes) { split_min = bytes; }

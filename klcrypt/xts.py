@@ -18,6 +18,56 @@ ENGINE_IDS = {
 RAW_KEY_ENGINES = ("vaes", "aesni", "openssl")
 ENV_ENGINE = "KLCRYPT_ENGINE"   # overrides engine="auto" (tests, benchmarks)
 
+# CPU feature names (as /proc/cpuinfo spells them, where it has them) -> KLC_CPU_* bit.
+CPU_FEATURES = {
+    "aes": lib.KLC_CPU_AESNI,
+    "pclmulqdq": lib.KLC_CPU_PCLMUL,
+    "avx": lib.KLC_CPU_AVX,
+    "avx2": lib.KLC_CPU_AVX2,
+    "vaes": lib.KLC_CPU_VAES,
+    "vpclmulqdq": lib.KLC_CPU_VPCLMULQDQ,
+    "ymm_os": lib.KLC_CPU_YMM_OS,
+    "keylocker": lib.KLC_CPU_KL,
+    "aeskle": lib.KLC_CPU_AESKLE,
+    "widekl": lib.KLC_CPU_WIDEKL,
+    "hypervisor": lib.KLC_CPU_HYPERVISOR,
+}
+# What each raw-key engine needs from the CPU (and the OS: ymm_os).
+ENGINE_REQUIRES = {
+    "openssl": (),
+    "aesni": ("aes", "pclmulqdq"),
+    "vaes": ("aes", "pclmulqdq", "avx2", "vaes", "vpclmulqdq", "ymm_os"),
+}
+
+
+def cpu_features() -> dict[str, bool]:
+    """The CPU features klcrypt looks at, as detected once by the C core."""
+    flags = lib.klc_cpu_flags()
+    return {name: bool(flags & bit) for name, bit in CPU_FEATURES.items()}
+
+
+def missing_features(engine: str) -> list[str]:
+    """CPU/OS features that engine needs and this machine lacks ([] = none)."""
+    have = cpu_features()
+    return [f for f in ENGINE_REQUIRES.get(engine, ()) if not have[f]]
+
+
+def pool_threads() -> int:
+    """Threads a big call is split across by default (the caller included)."""
+    return lib.klc_pool_threads()
+
+
+def pool_split_min() -> int:
+    """Calls shorter than this many bytes run on the calling thread only."""
+    return lib.klc_pool_split_min()
+
+
+def set_pool_split_min(nbytes: int) -> None:
+    """Change the split threshold (tests and benchmarks)."""
+    if nbytes < 0:
+        raise errors.UsageError("split threshold must be >= 0")
+    lib.klc_pool_set_split_min(nbytes)
+
 
 def engine_name(engine_id: int) -> str:
     p = lib.klc_engine_name(engine_id)
@@ -43,7 +93,9 @@ def resolve_engine(engine: str = "auto") -> str:
         raise errors.UsageError(
             f"unknown engine '{engine}' (choose from auto, {', '.join(RAW_KEY_ENGINES)})")
     if not lib.klc_engine_available(ENGINE_IDS[engine]):
-        raise errors.UnsupportedError(f"engine '{engine}' is not available on this CPU")
+        missing = ", ".join(missing_features(engine)) or "unknown"
+        raise errors.UnsupportedError(
+            f"engine '{engine}' is not available on this CPU (missing: {missing})")
     return engine
 
 
@@ -90,12 +142,18 @@ class XTS:
         _check_sector_args(n, sector_size)
         if not 0 <= tweak < 1 << 64:
             raise errors.UsageError("tweak must be in 0 .. 2^64-1")
+        if not isinstance(threads, int) or threads < 0:
+            raise errors.UsageError("threads must be 0 (default), 1 or more")
         if out is None:
             out = bytearray(n)
         elif len(memoryview(out).cast("B")) != n:
             raise errors.UsageError("output buffer length differs from input")
         src = ffi.from_buffer(data)
         dst = ffi.from_buffer(out, require_writable=True)
+        a, b = int(ffi.cast("uintptr_t", src)), int(ffi.cast("uintptr_t", dst))
+        if a != b and a < b + n and b < a + n:
+            raise errors.UsageError(
+                "output buffer partially overlaps the input (use the same buffer or a separate one)")
         check(lib.klc_xts_crypt(self._ctx, encrypt, dst, src, n, sector_size, tweak, threads),
               "AES-XTS " + ("encryption" if encrypt else "decryption"))
         return out

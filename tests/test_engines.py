@@ -1,0 +1,390 @@
+"""Every AES-XTS engine against IEEE 1619 known answers and the `cryptography` oracle.
+
+The matrix (key sizes x sector sizes x sector counts x alignments x in/out of
+place x tweaks incl. 64-bit wrap) is a fixed, seeded sample, so a failure is
+reproducible and the whole file runs in a few seconds.
+"""
+import os
+import random
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from klcrypt import errors
+from klcrypt.native import ffi, lib
+from klcrypt.xts import (ENGINE_IDS, RAW_KEY_ENGINES, XTS, missing_features, pool_split_min,
+                         pool_threads, set_pool_split_min)
+
+pytestmark = pytest.mark.unit
+
+DATA = Path(__file__).parent / "data" / "ieee1619_xts.txt"
+OPENSSL_EQUAL_HALVES = ("OpenSSL 3 refuses XTS keys whose two halves are equal "
+                        "(IEEE 1619 §5.1 check); vector 1 has all-zero keys")
+
+
+def _engine_param(name):
+    missing = missing_features(name)
+    marks = []
+    if missing:
+        marks.append(pytest.mark.skip(reason=f"CPU lacks {', '.join(missing)} (engine {name})"))
+    elif not lib.klc_engine_available(ENGINE_IDS[name]):
+        marks.append(pytest.mark.skip(reason=f"engine {name} not available in this build"))
+    return pytest.param(name, marks=marks, id=name)
+
+
+ENGINES = [_engine_param(e) for e in RAW_KEY_ENGINES]
+
+
+def load_vectors():
+    vecs = []
+    for block in DATA.read_text().split("\n\n"):
+        rec = {}
+        for line in block.splitlines():
+            if line.startswith("#") or "=" not in line:
+                continue
+            k, v = (x.strip() for x in line.split("=", 1))
+            rec[k] = v
+        if rec:
+            vecs.append({"n": int(rec["vector"]), "key": bytes.fromhex(rec["key1"] + rec["key2"]),
+                         "dsn": int(rec["dsn"], 0), "ptx": bytes.fromhex(rec["ptx"]),
+                         "ctx": bytes.fromhex(rec["ctx"])})
+    return vecs
+
+
+VECTORS = load_vectors()
+
+
+def oracle(key, data, sector_size, tweak, encrypt=True):
+    """Sector by sector with the cryptography package (OpenSSL)."""
+    out = bytearray()
+    step = sector_size // 512
+    for i in range(len(data) // sector_size):
+        t = ((tweak + i * step) % (1 << 64)).to_bytes(16, "little")
+        c = Cipher(algorithms.AES(bytes(key)), modes.XTS(t))
+        op = c.encryptor() if encrypt else c.decryptor()
+        out += op.update(bytes(data[i * sector_size:(i + 1) * sector_size])) + op.finalize()
+    return bytes(out)
+
+
+# ---- IEEE 1619 known answers ------------------------------------------------------
+
+def test_vector_file_complete():
+    assert [v["n"] for v in VECTORS] == list(range(1, 15))
+    assert {len(v["key"]) for v in VECTORS if v["n"] <= 9} == {32}
+    assert {len(v["key"]) for v in VECTORS if v["n"] >= 10} == {64}
+    assert sum(len(v["ptx"]) == 512 for v in VECTORS) == 11
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("vec", VECTORS, ids=lambda v: f"vector{v['n']}")
+def test_ieee1619_vector(engine, vec):
+    key, ptx, ctx = vec["key"], vec["ptx"], vec["ctx"]
+    if engine == "openssl" and key[:len(key) // 2] == key[len(key) // 2:]:
+        pytest.skip(OPENSSL_EQUAL_HALVES)
+    n = len(ptx)
+    # Vectors 1-3 have 32-byte data units; engines take 512..4096-byte sectors.
+    # Without ciphertext stealing XTS is prefix-consistent (block j depends only
+    # on the key, the tweak, j and P_j), so a 512-byte sector that starts with
+    # the vector's data unit must start with its ciphertext.
+    pad = bytes((i * 37) & 0xFF for i in range(512 - n))
+    with XTS(key, engine) as x:
+        ct = x.encrypt(ptx + pad, 512, vec["dsn"])
+        assert bytes(ct[:n]) == ctx
+        pt = x.decrypt(ctx + pad, 512, vec["dsn"])
+        assert bytes(pt[:n]) == ptx
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("chain", [(4, 5, 6), (7, 8, 9)])
+def test_ieee1619_chain_as_one_call(engine, chain):
+    """Vectors 4-6 (tweaks 0,1,2) and 7-9 (0xfd..0xff) each feed the previous
+    output in; as one 3-sector call they check the per-sector tweak step."""
+    vs = [VECTORS[n - 1] for n in chain]
+    src = b"".join(v["ptx"] for v in vs)
+    want = b"".join(v["ctx"] for v in vs)
+    with XTS(vs[0]["key"], engine) as x:
+        assert bytes(x.encrypt(src, 512, vs[0]["dsn"], threads=1)) == want
+        assert bytes(x.decrypt(want, 512, vs[0]["dsn"], threads=1)) == src
+
+
+# ---- the oracle matrix -------------------------------------------------------------
+
+EXTREME_TWEAKS = [0, 1, (1 << 64) - 1, (1 << 64) - 3, (1 << 64) - 8, (1 << 64) - 64,
+                  (1 << 63) - 1, 1 << 63, 0xFFFFFFFF, 0x1_0000_0000]
+
+
+def matrix_cases(seed=1619, count=48):
+    rnd = random.Random(seed)
+    cases = []
+    counts = [1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100, 257, 300]
+    for i in range(count):
+        key_len = (32, 64)[i % 2]
+        sector = (512, 1024, 2048, 4096)[(i // 2) % 4]
+        nsec = rnd.choice(counts)
+        if sector == 4096:
+            nsec = min(nsec, 64)          # keep the oracle cheap
+        tweak = rnd.choice(EXTREME_TWEAKS) if i % 3 == 0 else rnd.getrandbits(64)
+        cases.append(pytest.param(key_len, sector, nsec, rnd.randrange(64), rnd.randrange(64),
+                                  rnd.random() < 0.5, tweak, rnd.getrandbits(32),
+                                  id=f"k{key_len * 8}-s{sector}-n{nsec}-t{tweak:x}"))
+    return cases
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("key_len,sector,nsec,src_off,dst_off,in_place,tweak,seed",
+                         matrix_cases())
+def test_matches_oracle(engine, key_len, sector, nsec, src_off, dst_off, in_place, tweak, seed):
+    rnd = random.Random(seed)
+    key = rnd.randbytes(key_len)
+    n = sector * nsec
+    plain = rnd.randbytes(n)
+    want = oracle(key, plain, sector, tweak)
+    guard = 64
+    with XTS(key, engine) as x:
+        for threads in (1, 0):
+            buf = bytearray(rnd.randbytes(n + 2 * guard + 64))
+            before = bytes(buf)
+            src = memoryview(buf)[guard + src_off:guard + src_off + n]
+            src[:] = plain
+            if in_place:
+                x.encrypt(src, sector, tweak, threads, out=src)
+                assert bytes(src) == want
+                x.decrypt(src, sector, tweak, threads, out=src)
+                assert bytes(src) == plain
+                lo, hi = guard + src_off, guard + src_off + n
+            else:
+                obuf = bytearray(n + 128)
+                dst = memoryview(obuf)[dst_off:dst_off + n]
+                x.encrypt(src, sector, tweak, threads, out=dst)
+                assert bytes(dst) == want
+                assert bytes(src) == plain          # source untouched
+                back = x.decrypt(dst, sector, tweak, threads)
+                assert bytes(back) == plain
+                lo, hi = guard + src_off, guard + src_off + n
+            # nothing written outside the buffer handed in
+            assert bytes(buf[:lo]) == before[:lo]
+            assert bytes(buf[hi:]) == before[hi:]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("tweak", [(1 << 64) - 1, (1 << 64) - 3, (1 << 64) - 5])
+@pytest.mark.parametrize("sector", [512, 4096])
+def test_tweak_counter_wraps(engine, tweak, sector):
+    key = os.urandom(64)
+    data = os.urandom(sector * 6)
+    with XTS(key, engine) as x:
+        assert bytes(x.encrypt(data, sector, tweak)) == oracle(key, data, sector, tweak)
+        # the sector after the wrap uses tweak 0 + ... exactly like a fresh call
+        step = sector // 512
+        k = ((1 << 64) - tweak + step - 1) // step       # first sector past the wrap
+        if k < 6:
+            tail = x.encrypt(data[k * sector:], sector, (tweak + k * step) % (1 << 64))
+            assert bytes(x.encrypt(data, sector, tweak))[k * sector:] == bytes(tail)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engines_agree_with_each_other(engine):
+    key = os.urandom(64)
+    data = os.urandom(4096 * 40)
+    with XTS(key, engine) as x, XTS(key, "openssl") as ref:
+        assert x.encrypt(data, 4096, 77) == ref.encrypt(data, 4096, 77)
+
+
+# ---- the thread pool ------------------------------------------------------------------
+
+@pytest.fixture
+def small_split():
+    """Split even small calls, so the pool's part arithmetic is exercised."""
+    old = pool_split_min()
+    set_pool_split_min(512)
+    yield
+    set_pool_split_min(old)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_split_equals_single_thread(engine, small_split):
+    rnd = random.Random(7)
+    for key_len in (32, 64):
+        key = rnd.randbytes(key_len)
+        with XTS(key, engine) as x:
+            for sector, nsec in [(512, 2), (512, 3), (512, 17), (4096, 5), (1024, 129),
+                                 (4096, 300), (512, 1000)]:
+                data = rnd.randbytes(sector * nsec)
+                tweak = rnd.choice([(1 << 64) - 7, rnd.getrandbits(64)])
+                one = bytes(x.encrypt(data, sector, tweak, threads=1))
+                for threads in (0, 2, 3, 64):
+                    assert bytes(x.encrypt(data, sector, tweak, threads=threads)) == one
+                    assert bytes(x.decrypt(one, sector, tweak, threads=threads)) == data
+
+
+def test_big_call_split_default_threshold():
+    key = os.urandom(64)
+    data = os.urandom(4 << 20)
+    with XTS(key, "openssl") as ref, XTS(key) as x:
+        want = ref.encrypt(data, 4096, 5, threads=1)
+        assert x.encrypt(data, 4096, 5, threads=0) == want
+        assert x.encrypt(data, 4096, 5, threads=1) == want
+
+
+def test_pool_reports_threads():
+    assert 1 <= pool_threads() <= 64
+    assert pool_threads() <= (os.cpu_count() or 1)
+    assert pool_split_min() > 0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_many_callers_at_once(engine, small_split):
+    """Many threads (like FUSE threads) calling at once while the pool is busy:
+    every result right, nobody deadlocks."""
+    key = os.urandom(64)
+    results = {}
+    errs = []
+
+    def worker(i):
+        try:
+            rnd = random.Random(i)
+            with XTS(key, engine) as x:
+                for j in range(15):
+                    nsec = rnd.choice([1, 2, 8, 33, 64])
+                    data = rnd.randbytes(4096 * nsec)
+                    t = rnd.getrandbits(64)
+                    ct = x.encrypt(data, 4096, t, threads=rnd.choice([0, 0, 1, 2]))
+                    results[(i, j)] = (bytes(data), t, bytes(ct))
+        except Exception as e:  # pragma: no cover - reported below
+            errs.append(e)
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=60)
+        assert not t.is_alive(), "a caller hung"
+    assert not errs
+    assert len(results) == 8 * 15
+    for data, t, ct in list(results.values())[::7]:
+        assert ct == oracle(key, data, 4096, t)
+
+
+def test_fork_child_can_still_encrypt(small_split):
+    """The pool's workers do not exist in a forked child; calls must still work.
+    (Key memory is MADV_DONTFORK, so the child makes its own context.)"""
+    key = os.urandom(64)
+    data = os.urandom(4096 * 64)
+    with XTS(key) as x:
+        want = bytes(x.encrypt(data, 4096, 3, threads=0))   # pool started in the parent
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            try:
+                with XTS(key) as y:
+                    ok = all(bytes(y.encrypt(data, 4096, 3, threads=0)) == want
+                             for _ in range(3))
+                os.write(w, b"1" if ok else b"0")
+            finally:
+                os._exit(0)
+        os.close(w)
+        got = os.read(r, 1)
+        os.close(r)
+        os.waitpid(pid, 0)
+        assert got == b"1"
+
+
+def test_call_releases_the_gil():
+    """cffi's API mode releases the GIL around C calls: another Python thread
+    must make progress while a long encryption runs in C."""
+    key = os.urandom(64)
+    data = bytearray(os.urandom(16 << 20))
+    state = {"inside": False, "done": False}
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.5)    # no forced GIL hand-over during the test
+    try:
+        with XTS(key) as x:
+            def long_call():
+                state["inside"] = True
+                for _ in range(6):
+                    x.encrypt(data, 4096, 0, threads=1, out=data)
+                state["done"] = True
+
+            progressed = 0
+            t = threading.Thread(target=long_call)
+            t.start()
+            while not state["done"]:
+                if state["inside"]:
+                    progressed += 1
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    # With the GIL held through the C calls this loop could only run in the
+    # gaps between them (a forced switch every 0.5 s, far longer than a call).
+    assert progressed > 1000
+
+
+# ---- bad arguments ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bad_arguments_are_usage_errors(engine):
+    for bad_len in (0, 16, 31, 48, 63, 65, 128):
+        with pytest.raises(errors.UsageError, match="32 or 64 bytes"):
+            XTS(b"k" * bad_len, engine)
+    with XTS(os.urandom(64), engine) as x:
+        for sector in (0, 256, 1000, 1536, 3072, 8192, 513):
+            with pytest.raises(errors.UsageError, match="power of two"):
+                x.encrypt(bytes(sector * 2 if sector else 512), sector)
+        for n in (1, 511, 513, 1000, 4095):
+            with pytest.raises(errors.UsageError, match="not a multiple"):
+                x.encrypt(bytes(n), 512)
+        with pytest.raises(errors.UsageError, match="not a multiple"):
+            x.decrypt(bytes(4096 + 512), 4096)
+        for tweak in (-1, 1 << 64):
+            with pytest.raises(errors.UsageError, match="tweak"):
+                x.encrypt(bytes(512), 512, tweak)
+        with pytest.raises(errors.UsageError, match="threads"):
+            x.encrypt(bytes(512), 512, 0, threads=-1)
+        with pytest.raises(errors.UsageError, match="length differs"):
+            x.encrypt(bytes(1024), 512, out=bytearray(512))
+        buf = bytearray(4096)
+        mv = memoryview(buf)
+        for shift in (16, 512, 1, 1023):
+            with pytest.raises(errors.UsageError, match="overlaps"):
+                x.encrypt(mv[:2048], 512, out=mv[shift:shift + 2048])
+        # zero-length data is a no-op, not an error
+        assert x.encrypt(b"", 512) == bytearray()
+    with pytest.raises(errors.UsageError, match="unknown engine"):
+        XTS(os.urandom(64), "rot13")
+
+
+def test_c_api_rejects_bad_arguments_directly():
+    """The C entry points check for themselves (the data plane calls them without Python)."""
+    key = os.urandom(64)
+    out = ffi.new("klc_xts **")
+    assert lib.klc_xts_new(lib.KLC_ENGINE_AUTO, key, 48, out) == lib.KLC_ERR_ARG
+    assert lib.klc_xts_new(lib.KLC_ENGINE_AUTO, ffi.NULL, 64, out) == lib.KLC_ERR_ARG
+    assert lib.klc_xts_new(99, key, 64, out) == lib.KLC_ERR_UNSUPPORTED
+    assert lib.klc_xts_new(lib.KLC_ENGINE_AUTO, key, 64, out) == lib.KLC_OK
+    ctx = out[0]
+    try:
+        buf = ffi.new("uint8_t[]", 8192)
+        crypt = lib.klc_xts_crypt
+        assert crypt(ctx, 1, buf, buf, 4096, 1000, 0, 0) == lib.KLC_ERR_ARG
+        assert crypt(ctx, 1, buf, buf, 4096, 8192, 0, 0) == lib.KLC_ERR_ARG
+        assert crypt(ctx, 1, buf, buf, 4000, 512, 0, 0) == lib.KLC_ERR_ARG
+        assert crypt(ctx, 1, buf + 16, buf, 4096, 512, 0, 0) == lib.KLC_ERR_ARG
+        assert crypt(ctx, 1, buf, buf + 4095, 4096, 512, 0, 0) == lib.KLC_ERR_ARG
+        assert crypt(ctx, 1, ffi.NULL, buf, 4096, 512, 0, 0) == lib.KLC_ERR_ARG
+        assert crypt(ctx, 1, buf, buf, 4096, 512, 0, -1) == lib.KLC_ERR_ARG
+        assert crypt(ffi.NULL, 1, buf, buf, 4096, 512, 0, 0) == lib.KLC_ERR_ARG
+        assert crypt(ctx, 1, buf + 4096, buf, 4096, 512, 0, 0) == lib.KLC_OK   # adjacent
+        assert crypt(ctx, 1, buf, buf, 8192, 4096, 0, 0) == lib.KLC_OK        # in place
+    finally:
+        lib.klc_xts_free(ctx)
+
+
+def test_missing_feature_reason_names_it():
+    for e in RAW_KEY_ENGINES:
+        if not lib.klc_engine_available(ENGINE_IDS[e]):
+            assert missing_features(e), f"{e} unavailable but no missing feature named"
+        else:
+            assert missing_features(e) == []
