@@ -85,4 +85,17 @@ void *klc_secure_alloc(size_t len);
 void klc_secure_free(void *p, size_t len);
 void klc_wipe(void *p, size_t len);      /* memset that the compiler keeps */
 
+/* ---- LUKS2 key derivation (csrc/luks2.c) -------------------------------- */
+/* hash: "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160". */
+int klc_hash_size(const char *hash);     /* digest bytes, or KLC_ERR_UNSUPPORTED */
+int klc_pbkdf2(const char *hash, const uint8_t *pw, size_t pw_len,
+               const uint8_t *salt, size_t salt_len, uint32_t iterations,
+               uint8_t *out, size_t out_len);
+/* AF merge: src = stripes * key_len bytes -> key (key_len bytes). */
+int klc_af_merge(const char *hash, const uint8_t *src, size_t key_len, uint32_t stripes,
+                 uint8_t *key);
+/* AF split: key -> dst (stripes * key_len bytes; random stripes from RAND_bytes). */
+int klc_af_split(const char *hash, const uint8_t *key, size_t key_len, uint32_t stripes,
+                 uint8_t *dst);
+
 #endif

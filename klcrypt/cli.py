@@ -25,6 +25,15 @@ class Verb:
 
 # The verbs that work.  Order = order in --help and in klcrypt(8).
 VERBS = [
+    Verb("format", "format", "create a LUKS2 volume (cryptsetup luksFormat)"),
+    Verb("open", "open", "unlock a LUKS2 volume (--test-passphrase: only check the passphrase)"),
+    Verb("add-key", "add_key", "add a keyslot (cryptsetup luksAddKey)"),
+    Verb("remove-key", "remove_key", "remove a keyslot (cryptsetup luksRemoveKey/luksKillSlot)"),
+    Verb("change-key", "change_key", "change a keyslot's passphrase (cryptsetup luksChangeKey)"),
+    Verb("dump", "dump", "show the LUKS2 header (cryptsetup luksDump); never shows keys"),
+    Verb("header-backup", "header_backup", "save the LUKS2 header to a file"),
+    Verb("header-restore", "header_restore", "restore the LUKS2 header from a backup file"),
+    Verb("repair", "repair", "rewrite a damaged LUKS2 header copy from the good one"),
     Verb("benchmark", "benchmark", "measure the AES-XTS engines (MiB/s, like cryptsetup benchmark)"),
 ]
 
@@ -75,12 +84,13 @@ def main(argv=None) -> int:
 
 def entry() -> None:
     try:
-        sys.exit(main())
+        rc = main()
     except SystemExit as e:
         # argparse uses 2 for usage errors; cryptsetup's 2 means "no permission".
         if e.code == 2:
             sys.exit(int(ExitCode.USAGE))
         raise
+    sys.exit(rc)    # outside the try: a 2 from main() (wrong passphrase) must stay 2
 
 
 if __name__ == "__main__":

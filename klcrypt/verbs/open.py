@@ -1,0 +1,57 @@
+"""`klcrypt open`: unlock a LUKS2 volume.
+
+`open --test-passphrase DEVICE` only checks the passphrase (cryptsetup's meaning).
+The mapping path (`open DEVICE NAME`: provision keys, FUSE-mount /run/klcrypt/NAME)
+hangs off _open_mapping() below; the key-input options are shared.
+"""
+import os
+import sys
+
+from .. import luks2
+from ..errors import UsageError, WrongPassphrase
+from ..passphrase import add_key_arguments, read_from_args
+from ..secret import wipe
+
+DEFAULT_TRIES = 3
+
+
+def add_arguments(p):
+    p.add_argument("device", metavar="DEVICE", help="LUKS2 block device or image file")
+    p.add_argument("name", metavar="NAME", nargs="?", help="mapping name (/run/klcrypt/NAME)")
+    p.add_argument("--test-passphrase", action="store_true",
+                   help="only check that the passphrase unlocks a keyslot")
+    p.add_argument("-T", "--tries", type=int, default=DEFAULT_TRIES,
+                   help="passphrase attempts on a terminal (default 3)")
+    add_key_arguments(p)
+
+
+def unlock_from_args(args, vol):
+    """The volume key (bytearray) from the key file or up to --tries prompts."""
+    interactive = args.key_file is None and sys.stdin is not None and os.isatty(0)
+    tries = max(1, args.tries) if interactive else 1
+    for attempt in range(tries):
+        pw = read_from_args(args, f"Enter passphrase for {vol.path}: ")
+        try:
+            return luks2.unlock(vol, pw, args.key_slot)
+        except WrongPassphrase:
+            if attempt + 1 == tries:
+                raise
+            print("No key available with this passphrase.", file=sys.stderr)
+        finally:
+            wipe(pw)
+
+
+def run(args) -> int:
+    vol = luks2.load(args.device)
+    if args.test_passphrase:
+        key = unlock_from_args(args, vol)
+        wipe(key)
+        return 0
+    if args.name is None:
+        raise UsageError("open needs DEVICE NAME (or --test-passphrase DEVICE)")
+    return _open_mapping(args, vol)
+
+
+def _open_mapping(args, vol) -> int:
+    raise UsageError("mapping a volume (open DEVICE NAME) is not available in this build; "
+                     "only --test-passphrase is")

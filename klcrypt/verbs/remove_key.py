@@ -1,0 +1,27 @@
+"""`klcrypt remove-key DEVICE`: remove the keyslot a passphrase opens, or keyslot N
+(cryptsetup luksRemoveKey / luksKillSlot).  The last keyslot needs --batch-mode."""
+from .. import luks2
+from ..passphrase import add_key_arguments, read_from_args
+from ..secret import wipe
+
+
+def add_arguments(p):
+    p.add_argument("device", metavar="DEVICE")
+    add_key_arguments(p)
+
+
+def run(args) -> int:
+    luks2.load(args.device)
+    pw = None
+    try:
+        if args.key_slot is None:
+            pw = read_from_args(args, "Enter passphrase to be deleted: ")
+        elif not args.batch_mode or args.key_file is not None:
+            pw = read_from_args(args, "Enter any remaining passphrase: ")
+        slot = luks2.remove_key(args.device, pw, keyslot=args.key_slot,
+                                allow_last=args.batch_mode)
+    finally:
+        wipe(pw)
+    if args.verbose:
+        print(f"Key slot {slot} removed.")
+    return 0
