@@ -54,3 +54,49 @@ unsigned klc_cpu_flags(void)
            (c->aeskle ? KLC_CPU_AESKLE : 0) | (c->widekl ? KLC_CPU_WIDEKL : 0) |
            (c->hypervisor ? KLC_CPU_HYPERVISOR : 0);
 }
+
+/* ---- Key Locker enumeration (keylocker.h) -------------------------------
+ * CPUID.(7,0):ECX[23] says leaf 0x19 is valid.  Leaf 0x19: EAX[2:0] the
+ * supported handle restrictions (CPL0-only, no-encrypt, no-decrypt); EBX[0]
+ * AESKLE (set only once the OS set CR4.KL), EBX[2] WIDE_KL, EBX[4] IWKEY
+ * backup; ECX[0] LOADIWKEY NoBackup, ECX[1] KeySource=1. */
+#include "keylocker.h"
+
+int klc_kl_cpuinfo(struct klc_kl_cpuinfo *out)
+{
+    unsigned a, b, c, d, max;
+    if (!out)
+        return KLC_ERR_ARG;
+    __builtin_memset(out, 0, sizeof *out);
+    max = __get_cpuid_max(0, NULL);
+    if (max >= 1) {
+        __cpuid(1, a, b, c, d);
+        out->hypervisor = !!(c & (1u << 31));
+    }
+    if (max >= 7) {
+        __cpuid_count(7, 0, a, b, c, d);
+        out->kl = !!(c & (1u << 23));
+    }
+    if (out->kl && max >= 0x19) {
+        __cpuid_count(0x19, 0, a, b, c, d);
+        out->leaf19_eax = a;
+        out->leaf19_ebx = b;
+        out->leaf19_ecx = c;
+        out->leaf19_edx = d;
+        out->restrict_cpl0 = !!(a & 1u);
+        out->restrict_noencrypt = !!(a & 2u);
+        out->restrict_nodecrypt = !!(a & 4u);
+        out->aeskle = !!(b & 1u);
+        out->widekl = !!(b & (1u << 2));
+        out->backup = !!(b & (1u << 4));
+        out->nobackup = !!(c & 1u);
+        out->keysource_random = !!(c & 2u);
+    }
+    return KLC_OK;
+}
+
+int klc_kl_hw_usable(void)
+{
+    const struct klc_cpu *cc = klc_cpu();
+    return cc->kl && cc->aeskle && cc->widekl;
+}

@@ -36,6 +36,9 @@ struct klc_xts {
 extern const struct klc_engine_ops klc_engine_openssl;
 extern const struct klc_engine_ops klc_engine_aesni;
 extern const struct klc_engine_ops klc_engine_vaes;
+/* The ops of engine `id` (NULL if not built): lets the klemu fast path run a
+ * raw-key engine on a stack context. */
+const struct klc_engine_ops *klc_engine_ops_get(int id);
 
 /* AES key expansion with AES-NI (xts_aesni.c; the caller must have checked
  * klc_cpu()->aesni).  key_bytes 16 or 32; writes 11 or 15 round keys of 16

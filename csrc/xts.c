@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "engine.h"
+#include "kl_internal.h"
 
 /* Indexed by engine id; NULL = not built.  Priority for klc_engine_best is
  * BEST_ORDER below (fastest raw-key engine first). */
@@ -14,6 +15,8 @@ static const struct klc_engine_ops *const engines[KLC_ENGINE_MAX + 1] = {
     [KLC_ENGINE_OPENSSL] = &klc_engine_openssl,
     [KLC_ENGINE_AESNI] = &klc_engine_aesni,
     [KLC_ENGINE_VAES] = &klc_engine_vaes,
+    [KLC_ENGINE_KL] = &klc_engine_kl,          /* Key Locker (hardware or trap-emulated) */
+    [KLC_ENGINE_KLEMU] = &klc_engine_klemu,    /* emulated Key Locker, fast path */
 };
 static const int BEST_ORDER[] = {KLC_ENGINE_VAES, KLC_ENGINE_AESNI, KLC_ENGINE_OPENSSL};
 
@@ -23,6 +26,8 @@ static const struct klc_engine_ops *engine_ops(int id)
         return NULL;
     return engines[id];
 }
+
+const struct klc_engine_ops *klc_engine_ops_get(int id) { return engine_ops(id); }
 
 int klc_engine_available(int engine)
 {
