@@ -15,6 +15,7 @@ from .secret import wipe
 KEYFILE_MAX = 8 * 1024 * 1024      # cryptsetup's default --keyfile-size limit (8 MiB)
 PASSPHRASE_MAX = 512               # cryptsetup's interactive maximum (characters)
 _CHUNK = 4096
+SYSTEMD_RUNTIME = "/run/systemd/system"   # exists when systemd is PID 1
 
 
 def add_key_arguments(p, new: bool = False) -> None:
@@ -38,6 +39,14 @@ def add_key_arguments(p, new: bool = False) -> None:
 def read_from_args(args, prompt: str, verify: bool = False) -> bytearray:
     return read_passphrase(key_file=args.key_file, keyfile_size=args.keyfile_size,
                            keyfile_offset=args.keyfile_offset, prompt=prompt, verify=verify)
+
+
+def _take(buf: bytearray, n: int) -> bytearray:
+    """The first n bytes of buf in a new bytearray; buf is wiped (no unwiped slice copy)."""
+    out = bytearray(n)
+    out[:] = memoryview(buf)[:n]
+    wipe(buf)
+    return out
 
 
 def _read_keyfile(key_file: str, size, offset) -> bytearray:
@@ -93,9 +102,7 @@ def _read_keyfile(key_file: str, size, offset) -> bytearray:
     if n == 0:
         wipe(buf)
         raise UsageError(f"nothing to read from key file {key_file}")
-    out = bytearray(buf[:n])
-    wipe(buf)
-    return out
+    return _take(buf, n)
 
 
 def _read_tty_line(fd: int, prompt: str) -> bytearray:
@@ -128,14 +135,13 @@ def _read_tty_line(fd: int, prompt: str) -> bytearray:
     elif n == len(buf):
         wipe(buf)
         raise UsageError(f"passphrase is longer than {PASSPHRASE_MAX} characters")
-    res = bytearray(buf[:n])
-    wipe(buf)
-    return res
+    return _take(buf, n)
 
 
 def _ask_password(prompt: str) -> bytearray:
     exe = shutil.which("systemd-ask-password")
-    if exe is None:
+    # Only under a running systemd (sd_booted()): without its agents the tool waits 90 s.
+    if exe is None or not os.path.isdir(SYSTEMD_RUNTIME):
         raise UsageError("no terminal to ask for the passphrase and no key file given "
                          "(use --key-file FILE, or --key-file - for stdin)")
     p = subprocess.Popen([exe, prompt], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
@@ -157,9 +163,7 @@ def _ask_password(prompt: str) -> bytearray:
         raise UsageError("systemd-ask-password did not return a passphrase")
     if n and buf[n - 1] == 0x0A:
         n -= 1
-    res = bytearray(buf[:n])
-    wipe(buf)
-    return res
+    return _take(buf, n)
 
 
 def read_passphrase(key_file=None, keyfile_size=None, keyfile_offset=None,
