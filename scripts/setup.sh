@@ -10,6 +10,7 @@ APT_PACKAGES=(
     fuse3 libfuse3-dev libssl-dev
     cryptsetup-bin fio e2fsprogs util-linux kmod
     gocryptfs groff-base mandoc
+    dbus-daemon
 )
 
 need=()
