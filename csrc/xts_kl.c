@@ -36,6 +36,7 @@
  */
 #include <immintrin.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include "kl_internal.h"
@@ -176,6 +177,8 @@ KL static int kl_xts_unit(const struct kl_priv *p, int bits, int enc, uint8_t *d
     return KLC_OK;
 }
 
+static void allow_trap_signals(void);
+
 static int kl_available(void) { return klc_kl_hw_usable() || klc_kltrap_installed(); }
 
 static size_t kl_priv_size(size_t key_len) { return sizeof(struct kl_priv); }
@@ -185,6 +188,7 @@ static int kl_init(struct klc_xts *ctx, const uint8_t *key, size_t key_len)
     struct kl_priv *p = ctx->priv;
     size_t half = key_len / 2;
     uint32_t tr = tweak_restrictions(0), d1, d2;
+    allow_trap_signals();
     if (key_len == 64) {
         d1 = hw_encodekey256(0, key, p->h_data);
         d2 = hw_encodekey256(tr, key + half, p->h_tweak);
@@ -201,10 +205,29 @@ static int kl_init(struct klc_xts *ctx, const uint8_t *key, size_t key_len)
     return KLC_OK;
 }
 
+/* Under the instruction emulator a KL instruction is a synchronous SIGILL; a
+ * thread that blocks SIGILL (thread pools and FUSE threads block all signals)
+ * would be killed by it instead.  Unblock SIGILL and SIGSEGV (#GP) once per
+ * thread — only when emulating: real hardware never traps. */
+static __thread int trap_signals_ok;
+
+static void allow_trap_signals(void)
+{
+    if (trap_signals_ok || klc_kl_hw_usable())
+        return;
+    sigset_t s;
+    sigemptyset(&s);
+    sigaddset(&s, SIGILL);
+    sigaddset(&s, SIGSEGV);
+    pthread_sigmask(SIG_UNBLOCK, &s, NULL);
+    trap_signals_ok = 1;
+}
+
 static int kl_crypt(const struct klc_xts *ctx, int encrypt, uint8_t *dst, const uint8_t *src,
                     size_t nsec, uint32_t sector_size, uint64_t first_tweak)
 {
     const struct kl_priv *p = ctx->priv;
+    allow_trap_signals();
     int bits = bits_of(ctx->key_len);
     uint64_t step = sector_size / 512;
     for (size_t s = 0; s < nsec; s++) {
@@ -428,6 +451,7 @@ int klc_klx_test_blocks(const klc_xts *ctx, int encrypt, uint8_t *dst, const uin
     if (!ctx || ctx->ops != &klc_engine_kl || !dst || !src || !tweak16 || nbytes < 16 ||
         nbytes % 16)
         return KLC_ERR_ARG;
+    allow_trap_signals();
     return kl_xts_unit(ctx->priv, bits_of(ctx->key_len), encrypt ? 1 : 0, dst, src,
                        nbytes / 16, tweak16);
 }

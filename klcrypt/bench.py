@@ -36,6 +36,34 @@ def cipher_rows(seconds: float = 0.25, engines=None, buf_size: int = 1 << 20):
     return rows
 
 
+def keylocker_rows(seconds: float = 0.25, buf_size: int = 1 << 20, trap_buf: int = 64 << 10):
+    """Key Locker rows: `kl` on the hardware when usable; on the emulated platform
+    `kl/emu` (the klemu fast path: handle unwrapped per call) and `kl/trap` (the
+    real KL instructions under the SIGILL emulator, a small 64 KiB sample)."""
+    from .keylocker import detect, model, provision
+    runs = []
+    if detect()["hardware_usable"]:
+        runs.append(("kl", "hardware", "kl", buf_size, seconds))
+    model.ensure_iwkey()
+    runs += [("kl/emu", "emulated", "klemu", buf_size, seconds),
+             ("kl/trap", "emulated", "kl", trap_buf, min(seconds, 0.05))]
+    rows = []
+    for label, platform, engine, size, secs in runs:
+        buf = bytearray(os.urandom(size))
+        for key_bits in (256, 512):
+            with provision(bytearray(os.urandom(key_bits // 8)), platform, engine) as p:
+                x = p.xts
+                row = {"engine": label, "cipher": "aes-xts", "key_bits": key_bits,
+                       "sector_size": SECTOR, "platform": platform, "kernel_engine": engine}
+                for lab, threads in (("1core", 1), ("allcores", 0)):
+                    row[f"encrypt_mibps_{lab}"] = round(_mibps(
+                        lambda: x.encrypt(buf, SECTOR, 0, threads, out=buf), size, secs), 1)
+                    row[f"decrypt_mibps_{lab}"] = round(_mibps(
+                        lambda: x.decrypt(buf, SECTOR, 0, threads, out=buf), size, secs), 1)
+                rows.append(row)
+    return rows
+
+
 def format_cipher_table(rows) -> str:
     head = (f"{'Engine':>8} {'Algorithm':>9} {'Key':>5} {'Encryption':>12} {'Decryption':>12}"
             f" {'Enc (all cores)':>16} {'Dec (all cores)':>16}")

@@ -147,9 +147,11 @@ class Code:
         self.mem.write(code)
         self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
 
-    def func(self, offset: int, restype=ctypes.c_uint32, argtypes=(ctypes.c_void_p,) * 3):
-        f = ctypes.CFUNCTYPE(restype, *argtypes)(self.base + offset)
-        return f
+    def func(self, offset: int, restype=ctypes.c_uint32):
+        """A callable taking up to three integer/pointer arguments (rdi, rsi, rdx)."""
+        f = ctypes.CFUNCTYPE(restype, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)(
+            self.base + offset)
+        return lambda *a: f(*(list(a) + [0] * (3 - len(a))))
 
     def write(self, offset: int, data: bytes):
         self.mem[offset:offset + len(data)] = data

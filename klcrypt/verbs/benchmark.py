@@ -12,6 +12,7 @@ def add_arguments(p):
 
 def run(args) -> int:
     rows = bench.cipher_rows(seconds=args.seconds)
+    rows += bench.keylocker_rows(seconds=args.seconds)
     if args.json:
         print(json.dumps({"cipher": rows}, indent=2))
     else:

@@ -1,0 +1,187 @@
+"""The SIGILL instruction emulator: operand forms the decoder must handle (run as raw
+machine code), ring-3 faults (#GP -> SIGSEGV), and chaining of other illegal
+instructions to the handler that was installed before."""
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from _klhelp import Code, aes_ecb
+from klcrypt.keylocker import model
+
+pytestmark = pytest.mark.unit
+
+# Assembled with GNU as 2.40 (objdump shows the KL mnemonics); offsets of each function:
+#  f1 0x00: movdqu (%rsi),%xmm9; aesenc256kl (%rdi),%xmm9      [f3 44 0f 38 de 0f]  REX.R
+#  f2 0x17: mov $2,%r8; sub $0x20,%rdi; aesdec256kl (%rdi,%r8,8),%xmm3
+#                                                               [f3 42 0f 38 df 1c c7] SIB+REX.X
+#  f3 0x38: lea -0x1000(%rdi),%r13; xmm0-7 <- (%rsi); aesencwide256kl 0x1000(%r13)
+#                                                               [f3 41 0f 38 d8 95 00 10 00 00]
+#  f4 0xa2: aesenc256kl h4(%rip),%xmm14                         [f3 44 0f 38 de 35 5f 00 00 00]
+#  f5 0xbd: xmm0,1 <- (%rdi); mov %edx,%r10d; encodekey256 %r10d,%r11d; (%rsi) <- xmm0-3
+#                                                               [f3 45 0f 38 fb da]
+#  f6 0xe6: loadiwkey %xmm2,%xmm1                               [f3 0f 38 dc ca]
+#  f7 0xec: ud2                                                 [0f 0b]
+#  f8 0xef: ds aesenc128kl (%rdi),%xmm2                         [3e f3 0f 38 dc 17]
+#  h4 0x110: 64 bytes of handle for f4
+# f1-f4 and f8 return ZF (setz), f5 returns the DEST register.
+CODE = bytes.fromhex(
+    "f3440f6f0ef3440f38de0ff3440f7f0e0f94c00fb6c0c3f30f6f1e49c7c0020000004883ef20f3420f38df"
+    "1cc7f30f7f1e0f94c00fb6c0c341554c8daf00f0fffff30f6f06f30f6f4e10f30f6f5620f30f6f5e30f30f"
+    "6f6640f30f6f6e50f30f6f7660f30f6f7e70f3410f38d89500100000f30f7f06f30f7f4e10f30f7f5620f3"
+    "0f7f5e30f30f7f6640f30f7f6e50f30f7f7660f30f7f7e700f94c00fb6c0415dc3f3440f6f36f3440f38de"
+    "355f000000f3440f7f360f94c00fb6c0c3f30f6f07f30f6f4f104189d2f3450f38fbdaf30f7f06f30f7f4e"
+    "10f30f7f5620f30f7f5e304489d8c3f30f38dccac30f0bc3f30f6f163ef30f38dc17f30f7f160f94c00fb6"
+    "c0c366662e0f1f840000000000900000000000000000000000000000000000000000000000000000000000"
+    "0000000000000000000000000000000000000000000000000000000000000000000000")
+F1, F2, F3, F4, F5, F6, F7, F8, H4 = 0x00, 0x17, 0x38, 0xA2, 0xBD, 0xE6, 0xEC, 0xEF, 0x110
+
+
+@pytest.fixture
+def trap():
+    model.ensure_iwkey()
+    model.install_trap()
+    yield Code(CODE)
+    model.uninstall_trap()
+
+
+def buf(data: bytes):
+    return ctypes.create_string_buffer(bytes(data), len(data))
+
+
+def test_encodings_in_code_blob():
+    assert CODE[F1 + 5:F1 + 11] == bytes.fromhex("f3440f38de0f")
+    assert CODE[F6:F6 + 5] == bytes.fromhex("f30f38dcca")
+    assert CODE[F8 + 4:F8 + 10] == bytes.fromhex("3ef30f38dc17")
+
+
+def test_operand_forms(trap):
+    key = os.urandom(32)
+    handle, _ = model.encodekey(key)
+    blk = os.urandom(16)
+    before = model.status()["instructions_emulated"]
+
+    hb = buf(handle)                            # keep every buffer referenced across calls
+    b = buf(blk)
+    assert trap.func(F1)(ctypes.addressof(hb), ctypes.addressof(b)) == 0
+    assert b.raw == aes_ecb(key, blk)
+
+    h = buf(bytes(16) + handle)                 # (%rdi - 0x20 + 2*8) = handle
+    b = buf(blk)
+    assert trap.func(F2)(ctypes.addressof(h) + 16 + 16, ctypes.addressof(b)) == 0
+    assert b.raw == aes_ecb(key, blk, encrypt=False)
+
+    eight = os.urandom(128)
+    b = buf(eight)
+    assert trap.func(F3)(ctypes.addressof(hb), ctypes.addressof(b)) == 0
+    assert b.raw == aes_ecb(key, eight)
+
+    trap.write(H4, handle)
+    b = buf(blk)
+    assert trap.func(F4)(0, ctypes.addressof(b)) == 0
+    assert b.raw == aes_ecb(key, blk)
+
+    k128 = os.urandom(16)
+    h128, _ = model.encodekey(k128)
+    hb128 = buf(h128)
+    b = buf(blk)
+    assert trap.func(F8)(ctypes.addressof(hb128), ctypes.addressof(b)) == 0
+    assert b.raw == aes_ecb(k128, blk)
+    assert model.status()["instructions_emulated"] - before == 5
+
+
+def test_failure_sets_zf_and_leaves_registers(trap):
+    key = os.urandom(32)
+    handle, _ = model.encodekey(key)
+    bad = bytearray(handle)
+    bad[30] ^= 1
+    blk = os.urandom(16)
+    hb = buf(bytes(bad))
+    b = buf(blk)
+    assert trap.func(F1)(ctypes.addressof(hb), ctypes.addressof(b)) == 1
+    assert b.raw == blk                         # XMM9 not written
+    eight = os.urandom(128)
+    b = buf(eight)
+    assert trap.func(F3)(ctypes.addressof(hb), ctypes.addressof(b)) == 1
+    assert b.raw == eight
+
+
+def test_encodekey_instruction(trap):
+    model.load_random_iwkey(nobackup=True)
+    try:
+        key = os.urandom(32)
+        kb, out = buf(key), ctypes.create_string_buffer(64)
+        dest = trap.func(F5)(ctypes.addressof(kb), ctypes.addressof(out), model.NO_DECRYPT)
+        assert dest == 1                         # NoBackup, KeySource 0
+        assert out.raw == model.encodekey(key, restrictions=model.NO_DECRYPT)[0]
+    finally:
+        model.load_random_iwkey()
+
+
+CHILD = r"""
+import ctypes, faulthandler, os, sys
+sys.path.insert(0, {tests!r})
+from _klhelp import Code
+from test_keylocker_trap import CODE, F5, F6, F7
+from klcrypt.keylocker import model
+mode = sys.argv[1]
+if "fh" in mode:
+    faulthandler.enable()
+model.ensure_iwkey()
+model.install_trap()
+c = Code(CODE)
+key = ctypes.create_string_buffer(os.urandom(32), 32)
+out = ctypes.create_string_buffer(64)
+c.func(F5)(ctypes.addressof(key), ctypes.addressof(out), 0)   # a KL instruction works
+print("kl-ok", flush=True)
+if "uninstall" in mode:
+    model.uninstall_trap()
+if "ud2" in mode:
+    c.func(F7)(0, 0)
+elif "loadiwkey" in mode:
+    c.func(F6)(0, 0)
+elif "reserved" in mode:
+    c.func(F5)(ctypes.addressof(key), ctypes.addressof(out), 8)
+print("survived", flush=True)
+"""
+
+
+def run_child(mode: str):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    return subprocess.run([sys.executable, "-c", CHILD.format(tests=tests), mode],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_other_illegal_instruction_still_kills_with_sigill():
+    r = run_child("ud2")
+    assert "kl-ok" in r.stdout and "survived" not in r.stdout
+    assert r.returncode == -signal.SIGILL
+
+
+def test_other_illegal_instruction_reaches_previous_handler():
+    r = run_child("fh-ud2")                      # faulthandler installed before the trap
+    assert "kl-ok" in r.stdout and "survived" not in r.stdout
+    assert "Fatal Python error: Illegal instruction" in r.stderr
+    assert r.returncode == -signal.SIGILL
+
+
+def test_uninstall_puts_previous_handler_back():
+    r = run_child("fh-uninstall-ud2")
+    assert "Fatal Python error: Illegal instruction" in r.stderr
+    assert r.returncode == -signal.SIGILL
+
+
+def test_loadiwkey_from_ring3_is_gp():
+    r = run_child("loadiwkey")
+    assert "kl-ok" in r.stdout and "survived" not in r.stdout
+    assert r.returncode == -signal.SIGSEGV
+
+
+def test_encodekey_reserved_bits_is_gp():
+    r = run_child("fh-reserved")
+    assert "survived" not in r.stdout
+    assert "Segmentation fault" in r.stderr
+    assert r.returncode == -signal.SIGSEGV
