@@ -64,6 +64,16 @@ def keylocker_rows(seconds: float = 0.25, buf_size: int = 1 << 20, trap_buf: int
     return rows
 
 
+def keylocker_summary() -> dict:
+    """What this CPU offers for Key Locker (CPUID), for the benchmark report."""
+    from .keylocker import detect, hardware_unavailable_reason
+    info = detect()
+    why = hardware_unavailable_reason(info)
+    info["found"] = ("usable (kl engine on the hardware)" if why is None else
+                     f"not usable: {why}; kl/emu and kl/trap run on the emulated platform")
+    return info
+
+
 def format_cipher_table(rows) -> str:
     head = (f"{'Engine':>8} {'Algorithm':>9} {'Key':>5} {'Encryption':>12} {'Decryption':>12}"
             f" {'Enc (all cores)':>16} {'Dec (all cores)':>16}")

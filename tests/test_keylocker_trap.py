@@ -185,3 +185,56 @@ def test_encodekey_reserved_bits_is_gp():
     assert "survived" not in r.stdout
     assert "Segmentation fault" in r.stderr
     assert r.returncode == -signal.SIGSEGV
+
+
+# More operand forms (GNU as 2.40):
+#  g1 0x00: aesenc256kl -0x10(%rdi),%xmm1           [f3 0f 38 de 4f f0]        disp8
+#  g2 0x15: addr32 aesdec128kl (%edi),%xmm5         [67 f3 0f 38 dd 2f]        32-bit address
+#  g3 0x2a: aesenc128kl 0x100(,%rdi,1),%xmm12       [f3 44 0f 38 dc 24 3d ..]  SIB, no base
+#  g4 0x46: mov %rdi,%rbp; aesdecwide128kl 0x0(%rbp) [f3 0f 38 d8 4d 00]      rbp + disp8 0
+#  g5 0xa6: mov %edx,%ecx; encodekey128 %ecx,%eax   [f3 0f 38 fa c1]; (%rsi) <- xmm0-2
+CODE2 = bytes.fromhex(
+    "f30f6f0ef30f38de4ff0f30f7f0e0f94c00fb6c0c3f30f6f2e67f30f38dd2ff30f7f2e0f94c00fb6c0c3f3"
+    "440f6f26f3440f38dc243d00010000f3440f7f260f94c00fb6c0c3554889fdf30f6f06f30f6f4e10f30f6f"
+    "5620f30f6f5e30f30f6f6640f30f6f6e50f30f6f7660f30f6f7e70f30f38d84d00f30f7f06f30f7f4e10f3"
+    "0f7f5620f30f7f5e30f30f7f6640f30f7f6e50f30f7f7660f30f7f7e700f94c00fb6c05dc3f30f6f0789d1"
+    "f30f38fac1f30f7f06f30f7f4e10f30f7f5620c3")
+G1, G2, G3, G4, G5 = 0x00, 0x15, 0x2A, 0x46, 0xA6
+MAP_32BIT = 0x40
+
+
+def test_more_operand_forms(trap):
+    import mmap
+    code = Code(CODE2)
+    k256, k128 = os.urandom(32), os.urandom(16)
+    h256, _ = model.encodekey(k256)
+    blk = os.urandom(16)
+
+    hb = buf(h256)
+    b = buf(blk)
+    assert code.func(G1)(ctypes.addressof(hb) + 0x10, ctypes.addressof(b)) == 0
+    assert b.raw == aes_ecb(k256, blk)
+
+    # the 128-bit handle below 4 GiB for the 67-prefixed (32-bit address) form
+    low = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_32BIT)
+    kb, out = buf(k128), ctypes.create_string_buffer(48)
+    code.func(G5)(ctypes.addressof(kb), ctypes.addressof(out), 0)   # ENCODEKEY128 trapped
+    h128 = out.raw
+    assert h128 == model.encodekey(k128)[0]
+    low.write(h128)
+    low_addr = ctypes.addressof(ctypes.c_char.from_buffer(low))
+    assert low_addr < 1 << 32
+    b = buf(blk)
+    assert code.func(G2)(low_addr | (0xdead << 32), ctypes.addressof(b)) == 0  # high bits ignored
+    assert b.raw == aes_ecb(k128, blk, encrypt=False)
+
+    hb128 = buf(h128)
+    b = buf(blk)
+    assert code.func(G3)(ctypes.addressof(hb128) - 0x100, ctypes.addressof(b)) == 0
+    assert b.raw == aes_ecb(k128, blk)
+
+    eight = os.urandom(128)
+    b = buf(eight)
+    assert code.func(G4)(ctypes.addressof(hb128), ctypes.addressof(b)) == 0
+    assert b.raw == aes_ecb(k128, eight, encrypt=False)
+    del hb, hb128, kb
