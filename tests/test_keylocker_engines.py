@@ -224,3 +224,20 @@ def test_klemu_refuses_without_iwkey():
             lib.KLC_ERR_KEYLOCKER
     finally:
         model.reset()
+
+
+@pytest.mark.parametrize("engine", ["kl", "klemu"])
+def test_split_across_the_thread_pool(platform, engine):
+    """The pool runs crypt on its worker threads (which block signals: the kl
+    engine must still get its SIGILLs there)."""
+    old = lib.klc_pool_split_min()
+    lib.klc_pool_set_split_min(4096)
+    try:
+        key = os.urandom(64)
+        data = os.urandom(4096 * 16)
+        with new_ctx(engine, key) as x:
+            ct = xts_oracle(key, data, 4096, 99)
+            assert bytes(x.encrypt(data, 4096, 99, threads=0)) == ct
+            assert bytes(x.decrypt(ct, 4096, 99, threads=0)) == data
+    finally:
+        lib.klc_pool_set_split_min(old)
