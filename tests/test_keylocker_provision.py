@@ -12,6 +12,7 @@ from _klhelp import expand_key, inv_mix_columns, xts_oracle
 from klcrypt import errors
 from klcrypt.exitcodes import ExitCode
 from klcrypt.keylocker import detect, model, provision, resolve
+from klcrypt.xts import available_engines
 
 pytestmark = pytest.mark.unit
 
@@ -107,6 +108,7 @@ def test_engine_choices_per_platform():
             provision(fresh_key(), plat, eng)
 
 
+@pytest.mark.skipif(HW, reason="kl runs on the hardware here")
 def test_kl_engine_on_emulated_platform_uses_the_trap():
     model.ensure_iwkey()
     k = fresh_key(32)
@@ -225,9 +227,11 @@ def test_memory_scan_finds_the_key_with_keylocker_off():
     """Control: the scanner does see the raw key and round keys when they are there."""
     found = scan_child("off")
     assert {"data half", "tweak half"} <= found
-    assert {"data rk7", "tweak rk14"} <= found
+    if "aesni" in available_engines():   # OpenSSL's AES-NI schedule is in byte order
+        assert {"data rk7", "tweak rk14"} <= found
 
 
-@pytest.mark.parametrize("mode", ["emulated", "emulated-kl"])
+@pytest.mark.parametrize("mode", ["emulated", pytest.param("emulated-kl", marks=pytest.mark.skipif(
+    HW, reason="kl runs on the hardware here"))])
 def test_memory_scan_finds_nothing_after_emulated_provisioning(mode):
     assert scan_child(mode) == set()

@@ -11,8 +11,11 @@ import pytest
 
 from _klhelp import Code, aes_ecb
 from klcrypt.keylocker import model
+from klcrypt.native import lib
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit,
+              pytest.mark.skipif(bool(lib.klc_kl_hw_usable()),
+                                 reason="this CPU executes KL instructions itself")]
 
 # Assembled with GNU as 2.40 (objdump shows the KL mnemonics); offsets of each function:
 #  f1 0x00: movdqu (%rsi),%xmm9; aesenc256kl (%rdi),%xmm9      [f3 44 0f 38 de 0f]  REX.R

@@ -56,6 +56,10 @@ def _engine_for(platform: str, engine: str) -> str:
         if engine in ("auto", "klemu"):
             return "klemu"
         if engine == "kl":
+            if lib.klc_kl_hw_usable():
+                raise errors.UsageError(
+                    "this CPU executes Key Locker instructions itself: the kl engine cannot "
+                    "run on the emulated platform here (use --keylocker hardware)")
             return "kl"          # the real instructions, trapped and emulated (slow)
         raise errors.UsageError(
             "--keylocker emulated uses the klemu engine (fast path) or kl (instruction "
