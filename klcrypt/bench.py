@@ -86,3 +86,32 @@ def format_cipher_table(rows) -> str:
             f" {r['encrypt_mibps_1core']:>7.1f} MiB/s {r['decrypt_mibps_1core']:>7.1f} MiB/s"
             f" {r['encrypt_mibps_allcores']:>10.1f} MiB/s {r['decrypt_mibps_allcores']:>10.1f} MiB/s")
     return "\n".join(lines)
+
+
+def pbkdf_rows(iter_time_ms: int = 2000):
+    """cryptsetup benchmark's PBKDF lines: PBKDF2 iterations per second for a 256-bit
+    key, and the argon2 costs `format` would pick for iter_time_ms."""
+    from .luks2 import kdf
+    rows = [{"pbkdf": f"pbkdf2-{h}", "key_bits": 256,
+             "iterations_per_second": kdf.pbkdf2_iterations_per_second(h, 32, 0.2)}
+            for h in ("sha1", "sha256", "sha512")]
+    mem, cpus = kdf.default_argon2_limits()
+    for kind in ("argon2i", "argon2id"):
+        t, m = kdf.argon2_costs_for(kind, iter_time_ms, mem, cpus)
+        rows.append({"pbkdf": kind, "key_bits": 256, "time_cost": t, "memory_kib": m,
+                     "threads": cpus, "requested_ms": iter_time_ms})
+    return rows
+
+
+def format_pbkdf_lines(rows) -> str:
+    out = []
+    for r in rows:
+        if "iterations_per_second" in r:
+            name = "PBKDF2-" + r["pbkdf"].split("-", 1)[1]
+            out.append(f"{name:<16} {r['iterations_per_second']:>8} iterations per second "
+                       f"for {r['key_bits']}-bit key")
+        else:
+            out.append(f"{r['pbkdf']:<9} {r['time_cost']:>4} iterations, {r['memory_kib']} "
+                       f"memory, {r['threads']} parallel threads (CPUs) for {r['key_bits']}-bit "
+                       f"key (requested {r['requested_ms']} ms time)")
+    return "\n".join(out)

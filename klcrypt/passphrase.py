@@ -5,6 +5,7 @@ Everything lands in a bytearray (wipe it); never from argv or the environment.
 """
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import termios
@@ -70,6 +71,8 @@ def _read_keyfile(key_file: str, size, offset) -> bytearray:
         if skip and close:
             try:
                 os.lseek(fd, skip, os.SEEK_SET)
+                if stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size < skip:
+                    raise UsageError(f"key file {key_file} is shorter than --keyfile-offset")
                 skip = 0
             except OSError:
                 pass
@@ -114,9 +117,9 @@ def _read_tty_line(fd: int, prompt: str) -> bytearray:
     buf = bytearray(PASSPHRASE_MAX * 4 + 2)
     n = 0
     try:
-        out.write(prompt)
+        termios.tcsetattr(fd, termios.TCSAFLUSH, new)   # echo off (drops type-ahead) ...
+        out.write(prompt)                                # ... then prompt
         out.flush()
-        termios.tcsetattr(fd, termios.TCSAFLUSH, new)
         mv = memoryview(buf)
         while n < len(buf):
             k = os.readv(fd, [mv[n:]])

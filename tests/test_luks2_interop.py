@@ -221,3 +221,42 @@ def test_header_backup_restore_both_tools(tmp_path):
     # a live header is only replaced with --batch-mode (no terminal to ask)
     assert klc("header-restore", img, bk2).returncode == 1
     assert klc("header-restore", "--batch-mode", img, bk2).returncode == 0
+
+
+def test_nondefault_metadata_size_both_ways(tmp_path):
+    img = make_image(tmp_path / "v.img", 20 << 20)
+    kf = write_key(tmp_path / "k", b"pw")
+    cs_format(img, kf, "--luks2-metadata-size", "128k", "--luks2-keyslots-size", "2m",
+              *CS_PBKDFS["argon2id"])
+    vol = luks2.load(img)
+    assert vol.hdr_size == 128 << 10 and vol.layout.keyslots_size == 2 << 20
+    k2 = write_key(tmp_path / "k2", b"pw2")
+    assert klc("add-key", "--key-file", kf, *FAST_PBKDF2, img, k2).returncode == 0
+    assert cs_volume_key(img, k2) == cs_volume_key(img, kf) == unlock_key(img, b"pw2")
+    assert "Epoch:" in cs("luksDump", img).stdout.decode()
+
+
+def test_no_key_material_in_output(tmp_path):
+    """Passphrase and volume key never show up in klcrypt's output (verbose included)."""
+    img = str(tmp_path / "v.img")
+    secret = b"Unique-Passphrase-4711"
+    kf = write_key(tmp_path / "k", secret)
+    assert klc("format", "-q", "--size", str(17 << 20), "--key-file", kf, *FAST_PBKDF2,
+               img).returncode == 0
+    vk = cs_volume_key(img, kf)
+    import base64
+    needles = [secret, vk.hex().encode(), base64.b64encode(vk), vk]
+    outs = []
+    bad = write_key(tmp_path / "bad", b"wrong")
+    for argv in (["-v", "--debug", "dump", img], ["-v", "dump", "--json", img],
+                 ["-v", "open", "--test-passphrase", "--key-file", kf, img],
+                 ["-v", "open", "--test-passphrase", "--key-file", bad, img],
+                 ["-v", "add-key", "--key-file", kf, *FAST_PBKDF2, img, bad],
+                 ["-v", "remove-key", "--key-file", bad, img]):
+        r = klc(*argv)
+        outs.append(r.stdout + r.stderr)
+    for o in outs:
+        for n in needles:
+            assert n not in o
+    vol = luks2.load(img)
+    assert secret.decode() not in repr(vol)

@@ -11,12 +11,14 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    pbkdf = bench.pbkdf_rows()
     rows = bench.cipher_rows(seconds=args.seconds)
     rows += bench.keylocker_rows(seconds=args.seconds)
     kl = bench.keylocker_summary()
     if args.json:
-        print(json.dumps({"cipher": rows, "keylocker": kl}, indent=2))
+        print(json.dumps({"pbkdf": pbkdf, "cipher": rows, "keylocker": kl}, indent=2))
     else:
+        print(bench.format_pbkdf_lines(pbkdf))
         print(bench.format_cipher_table(rows))
         print(f"# Key Locker: {kl['found']}")
     return 0
