@@ -251,3 +251,46 @@ def test_split_across_the_thread_pool(platform, engine):
             assert bytes(x.decrypt(ct, 4096, 99, threads=0)) == data
     finally:
         lib.klc_pool_set_split_min(old)
+
+
+@pytest.mark.parametrize("engine", ["kl", "klemu"])
+def test_concurrent_io_across_power_events(platform, engine):
+    """Threads encrypt while the IWKEY is lost and restored under them: every call
+    either returns exactly the right ciphertext or raises KeyLockerError."""
+    import threading
+    import time
+    model.load_random_iwkey()
+    assert model.backup()
+    key = os.urandom(64)
+    data = os.urandom(4096 * 2)
+    ct = xts_oracle(key, data, 4096, 11)
+    results = {"ok": 0, "failed": 0, "wrong": 0}
+    lock = threading.Lock()
+    stop = threading.Event()
+    with new_ctx(engine, key) as x:
+        def worker():
+            while not stop.is_set():
+                try:
+                    got = bytes(x.encrypt(data, 4096, 11, threads=1))
+                    k = "ok" if got == ct else "wrong"
+                except errors.KeyLockerError:
+                    k = "failed"
+                with lock:
+                    results[k] += 1
+        threads = [threading.Thread(target=worker) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            t_end = time.monotonic() + 1.0
+            while time.monotonic() < t_end:
+                model.power_event("s3")
+                time.sleep(0.005)
+                assert model.restore()
+                time.sleep(0.005)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert model.restore() or model.status()["loaded"]
+        assert bytes(x.encrypt(data, 4096, 11)) == ct
+    assert results["wrong"] == 0 and results["ok"] > 0, results

@@ -23,6 +23,9 @@ def detect() -> dict:
         "backup": bool(ci.backup),
         "nobackup_supported": bool(ci.nobackup),
         "keysource_random_supported": bool(ci.keysource_random),
+        # the same two under struct klc_kl_cpuinfo's field names (restore.platform reads these)
+        "nobackup": bool(ci.nobackup),
+        "keysource_random": bool(ci.keysource_random),
         "restrictions": {"cpl0_only": bool(ci.restrict_cpl0),
                          "no_encrypt": bool(ci.restrict_noencrypt),
                          "no_decrypt": bool(ci.restrict_nodecrypt)},
