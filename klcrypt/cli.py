@@ -26,7 +26,10 @@ class Verb:
 # The verbs that work.  Order = order in --help and in klcrypt(8).
 VERBS = [
     Verb("format", "format", "create a LUKS2 volume (cryptsetup luksFormat)"),
-    Verb("open", "open", "unlock a LUKS2 volume (--test-passphrase: only check the passphrase)"),
+    Verb("open", "open", "unlock a LUKS2 volume and map it to /run/klcrypt/NAME "
+         "(--test-passphrase: only check the passphrase)"),
+    Verb("close", "close", "unmap /run/klcrypt/NAME: unmount, flush, wipe the keys"),
+    Verb("status", "status", "show the state of a mapping"),
     Verb("add-key", "add_key", "add a keyslot (cryptsetup luksAddKey)"),
     Verb("remove-key", "remove_key", "remove a keyslot (cryptsetup luksRemoveKey/luksKillSlot)"),
     Verb("change-key", "change_key", "change a keyslot's passphrase (cryptsetup luksChangeKey)"),

@@ -10,3 +10,61 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if ("fuse" in item.keywords or "interop" in item.keywords) and not IS_ROOT:
             item.add_marker(pytest.mark.skip(reason="needs root"))
+
+
+# ---- mappings (klcrypt open/close/status): a private run directory, unique
+# names, the CLI in a subprocess, and a session-end sweep of leftovers --------
+import itertools as _itertools
+import subprocess as _subprocess
+import sys as _sys
+
+_RUN_DIR = f"/tmp/klcrypt-test-run-{os.getpid()}"
+_names = _itertools.count()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mapping_run_dir():
+    old = os.environ.get("KLCRYPT_RUN_DIR")
+    os.environ["KLCRYPT_RUN_DIR"] = _RUN_DIR
+    try:
+        yield _RUN_DIR
+    finally:
+        _sweep_mappings(_RUN_DIR)
+        if old is None:
+            os.environ.pop("KLCRYPT_RUN_DIR", None)
+        else:
+            os.environ["KLCRYPT_RUN_DIR"] = old
+
+
+def _sweep_mappings(run_dir):
+    """Remove every klcrypt mount/loop/daemon left under run_dir (best effort)."""
+    if not os.path.isdir(run_dir):
+        return
+    import maputil
+    from klcrypt.mapping import system
+    names = {p.split(".")[0] if not p.endswith((".sock", ".json", ".lock", ".log")) else
+             p.rsplit(".", 1)[0] for p in os.listdir(run_dir)}
+    for m in system.mounts():
+        if m.fstype == "fuse.klcrypt" and m.mountpoint.startswith(run_dir + "/"):
+            names.add(os.path.basename(m.mountpoint))
+    for n in names:
+        maputil.force_cleanup(n)
+    import shutil
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def name(request):
+    """A mapping name unique in the session; always cleaned up after the test."""
+    n = f"t{os.getpid() % 10000}-{next(_names)}"
+    yield n
+    import maputil
+    maputil.force_cleanup(n)
+
+
+@pytest.fixture
+def klcrypt_cli():
+    def run(*args, input=None, timeout=120):
+        return _subprocess.run([_sys.executable, "-m", "klcrypt", *args], input=input,
+                               capture_output=True, text=True, timeout=timeout)
+    return run

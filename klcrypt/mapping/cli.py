@@ -1,0 +1,73 @@
+"""The mapping part of the command line: options of `open` that concern the
+mapping, and the `status` text format.  verbs/open.py, verbs/close.py and
+verbs/status.py stay thin."""
+from . import api
+
+ENGINES = ("auto", "kl", "vaes", "aesni", "openssl")
+KEYLOCKER = ("auto", "hardware", "emulated", "off")
+
+
+def add_mapping_arguments(p) -> None:
+    g = p.add_argument_group("mapping")
+    g.add_argument("--engine", choices=ENGINES, default=None,
+                   help="AES-XTS engine (default: the volume's klcrypt token, else auto)")
+    g.add_argument("--keylocker", choices=KEYLOCKER, default="auto",
+                   help="keep the key as Key Locker handles: hardware, emulated, off "
+                        "(raw key in locked memory) or auto")
+    g.add_argument("--read-only", action="store_true", help="map read-only")
+    g.add_argument("--allow-other", action="store_true",
+                   help="let other users through FUSE (the file stays 0600 until chmod)")
+    g.add_argument("--foreground", action="store_true",
+                   help="serve in this process instead of detaching")
+    g.add_argument("--mount", metavar="DIR", dest="mount_dir",
+                   help="also attach a loop device and mount its filesystem on DIR")
+    g.add_argument("--fstype", metavar="T", help="filesystem type for --mount")
+    g.add_argument("--mount-options", metavar="O", help="mount options for --mount")
+    g.add_argument("--threads", type=int, default=0, help="data plane threads (default 16)")
+    g.add_argument("--direct-io", action="store_true",
+                   help="bypass the kernel page cache for the plaintext file")
+
+
+def options_from_args(args, default_engine: str | None = None) -> api.MapOptions:
+    from .. import errors
+    if args.fstype and not args.mount_dir:
+        raise errors.UsageError("--fstype needs --mount DIR")
+    if args.mount_options and not args.mount_dir:
+        raise errors.UsageError("--mount-options needs --mount DIR")
+    if args.threads and not 1 <= args.threads <= 64:
+        raise errors.UsageError("--threads must be in 1..64")
+    return api.MapOptions(
+        name=args.name, read_only=args.read_only, allow_other=args.allow_other,
+        engine=args.engine or default_engine or "auto", keylocker=args.keylocker,
+        foreground=args.foreground, mount_dir=args.mount_dir, fstype=args.fstype,
+        mount_options=args.mount_options, threads=args.threads, direct_io=args.direct_io,
+        verbose=bool(getattr(args, "verbose", False)))
+
+
+def format_status(st: dict) -> str:
+    mib = st["size"] / (1 << 20)
+    kl = st["keylocker"]
+    where = {"hardware": "Key Locker handles (hardware IWKEY)",
+             "emulated": "Key Locker handles (EMULATED: the IWKEY is in process memory, "
+                         "no protection)",
+             "off": "raw key in locked memory"}.get(kl, kl)
+    lines = [
+        f"{st['file']} is {st['state']}.",
+        f"  type:        LUKS2",
+        f"  cipher:      {st['cipher']}",
+        f"  keysize:     {st['key_bits']} bits",
+        f"  keylocker:   {kl}",
+        f"  key:         {where}",
+        f"  engine:      {st['engine']}",
+        f"  device:      {st['device']}",
+        f"  sector size: {st['sector_size']}",
+        f"  offset:      {st['offset']} bytes",
+        f"  size:        {st['size']} bytes ({mib:.1f} MiB)",
+        f"  mode:        {'readonly' if st['read_only'] else 'read/write'}",
+        f"  loop:        {st['loop'] or '-'}",
+        f"  mount:       {st['mount'] or '-'}",
+        f"  daemon:      pid {st['pid']}, {st['threads']} threads",
+        "  io:          " + ", ".join(f"{k} {v}" for k, v in st["io"].items()),
+        "  errors:      " + ", ".join(f"{k} {v}" for k, v in st["errors"].items()),
+    ]
+    return "\n".join(lines)
