@@ -65,7 +65,7 @@ def _config(target: Target, opts: MapOptions) -> dict:
     return cfg
 
 
-def _precheck(target: Target, opts: MapOptions) -> None:
+def precheck(target: Target, opts: MapOptions) -> None:
     """Cheap checks with clear messages before anything is started."""
     system.check_name(opts.name)
     if os.geteuid() != 0:
@@ -115,7 +115,7 @@ def open_mapping(target: Target, key: bytearray, opts: MapOptions) -> dict:
     case).  Returns the daemon's first status once the mount is ready.  With
     opts.foreground, serves in this process until closed (returns then)."""
     try:
-        _precheck(target, opts)
+        precheck(target, opts)
         if len(key) != target.key_size:
             raise errors.UsageError("volume key length does not match the volume")
         cfg = _config(target, opts)

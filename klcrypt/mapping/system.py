@@ -256,4 +256,7 @@ def process_start(pid) -> int | None:
         data = open(f"/proc/{int(pid)}/stat").read()
     except (OSError, ValueError, TypeError):
         return None
-    return int(data.rsplit(")", 1)[1].split()[19])
+    fields = data.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):      # exited (a zombie not yet reaped by its parent)
+        return None
+    return int(fields[19])

@@ -10,6 +10,8 @@ import sys
 from .. import luks2
 from ..errors import UsageError, WrongPassphrase
 from ..passphrase import add_key_arguments, read_from_args
+from ..mapping import api as mapping_api
+from ..mapping.cli import add_mapping_arguments, options_from_args
 from ..secret import wipe
 
 DEFAULT_TRIES = 3
@@ -23,6 +25,7 @@ def add_arguments(p):
     p.add_argument("-T", "--tries", type=int, default=DEFAULT_TRIES,
                    help="passphrase attempts on a terminal (default 3)")
     add_key_arguments(p)
+    add_mapping_arguments(p)
 
 
 def unlock_from_args(args, vol):
@@ -53,5 +56,16 @@ def run(args) -> int:
 
 
 def _open_mapping(args, vol) -> int:
-    raise UsageError("mapping a volume (open DEVICE NAME) is not available in this build; "
-                     "only --test-passphrase is")
+    """Unlock, then hand the volume key to the mapping daemon (which wipes it)."""
+    token = vol.token("klcrypt") or {}
+    opts = options_from_args(args, default_engine=token.get("engine") if isinstance(token, dict)
+                             else None)
+    target = mapping_api.Target.from_volume(vol)
+    # name, device and --mount are checked before the passphrase prompt
+    mapping_api.precheck(target, opts)
+    key = unlock_from_args(args, vol)
+    try:
+        mapping_api.open_mapping(target, key, opts)
+    finally:
+        wipe(key)
+    return 0
