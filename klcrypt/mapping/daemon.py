@@ -50,27 +50,13 @@ def device_size(fd: int) -> int:
 
 
 def provision(key: bytearray, keylocker: str, engine: str):
-    """Key handles (or a raw-key context) for the volume key; returns (xts, info).
+    """Key Locker handles (or a raw-key context) for the volume key, which is wiped.
 
-    Uses klcrypt.keylocker.provision when it is available; otherwise only raw-key
-    engines (keylocker off) can be served.
+    Returns klcrypt.keylocker's Provisioned object: .xts (the klc_xts the plane
+    borrows), .info (platform, engine, provenance, ...), .verify(), .reprovision().
     """
-    try:
-        from .. import keylocker as kl
-        prov = getattr(kl, "provision", None)
-    except ImportError:
-        prov = None
-    if prov is not None:
-        p = prov(key, keylocker=keylocker, engine=engine)
-        info = dict(getattr(p, "info", {}) or {})
-        return p.xts, info
-    if keylocker not in ("auto", "off"):
-        raise errors.KeyLockerError(
-            f"--keylocker {keylocker}: Key Locker support is not built into this klcrypt")
-    if engine in ("kl", "klemu"):
-        raise errors.KeyLockerError(f"engine '{engine}' needs Key Locker support")
-    from ..xts import XTS
-    return XTS(key, engine), {"keylocker": "off"}
+    from ..keylocker import provision as kl_provision
+    return kl_provision(key, keylocker=keylocker, engine=engine)
 
 
 class Daemon:
@@ -79,8 +65,8 @@ class Daemon:
         self.name = system.check_name(cfg["name"])
         self.paths = system.Paths(self.name)
         self._key = key
+        self.prov = None            # klcrypt.keylocker.Provisioned
         self.xts = None
-        self.kl_info: dict = {}
         self.plane: Plane | None = None
         self.backing_fd = -1
         self.fuse_fd = -1
@@ -160,8 +146,9 @@ class Daemon:
 
         # 3. the key: handles or a raw-key context; the raw volume key is wiped now
         try:
-            self.xts, self.kl_info = provision(self._key, cfg.get("keylocker", "auto"),
-                                               cfg.get("engine", "auto"))
+            self.prov = provision(self._key, cfg.get("keylocker", "auto"),
+                                  cfg.get("engine", "auto"))
+            self.xts = self.prov.xts
         finally:
             self._wipe_key()
         self._undo.callback(self._close_xts)
@@ -232,9 +219,11 @@ class Daemon:
         os.replace(tmp, self.paths.state)
 
     def _close_xts(self) -> None:
-        if self.xts is not None:
-            self.xts.close()
-            self.xts = None
+        """Wipe the key material (handles or key schedule)."""
+        if self.prov is not None:
+            self.prov.close()
+            self.prov = None
+        self.xts = None
 
     def _close_fuse_fd(self) -> None:
         if self.fuse_fd >= 0:
@@ -278,7 +267,8 @@ class Daemon:
     def status(self) -> dict:
         cfg = self.cfg
         st = self.plane.stats() if self.plane else {}
-        kl = self.kl_info.get("keylocker", "off")
+        info = self.prov.info if self.prov is not None else {}
+        kl = info.get("platform", "off")
         return {
             "name": self.name,
             "device": os.path.abspath(cfg["device"]),
@@ -291,7 +281,8 @@ class Daemon:
             "key_bits": cfg.get("key_size", 64) * 8,
             "engine": self.xts.engine if self.xts is not None else None,
             "keylocker": kl,
-            "keylocker_info": {k: v for k, v in self.kl_info.items() if k != "keylocker"},
+            "keylocker_info": {k: info.get(k) for k in ("protects_key", "notice", "provenance",
+                                                       "restrictions", "emulated")},
             "state": "locked" if st.get("locked") else ("closing" if self.closing else "active"),
             "read_only": bool(cfg.get("read_only")),
             "loop": self.loop,
