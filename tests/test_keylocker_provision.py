@@ -235,3 +235,33 @@ def test_memory_scan_finds_the_key_with_keylocker_off():
     HW, reason="kl runs on the hardware here"))])
 def test_memory_scan_finds_nothing_after_emulated_provisioning(mode):
     assert scan_child(mode) == set()
+
+
+def _fake_cpu(**kw):
+    base = {"keylocker": False, "aeskle": False, "wide_kl": False, "hypervisor": False,
+            "hardware_usable": False}
+    base.update(kw)
+    return base
+
+
+@pytest.mark.parametrize("cpu, platform, reason", [
+    (_fake_cpu(), "off", "does not have Key Locker"),
+    (_fake_cpu(hypervisor=True), "off", "hypervisors do not expose it"),
+    (_fake_cpu(keylocker=True), "off", "CR4.KL"),
+    (_fake_cpu(keylocker=True, aeskle=True), "off", "WIDE_KL"),
+    (_fake_cpu(keylocker=True, aeskle=True, wide_kl=True, hardware_usable=True), "hardware",
+     None),
+])
+def test_resolve_auto_and_hardware(monkeypatch, cpu, platform, reason):
+    from klcrypt.keylocker import platform as plat
+    monkeypatch.setattr(plat, "detect", lambda: dict(cpu))
+    got, notice = plat.resolve("auto")
+    assert got == platform
+    if reason:
+        assert reason in notice and "locked" in notice
+        with pytest.raises(errors.KeyLockerError, match=reason.split()[0]):
+            plat.resolve("hardware")
+    else:
+        assert plat.resolve("hardware")[0] == "hardware"
+    assert plat.resolve("emulated")[0] == "emulated"
+    assert plat.resolve("off")[0] == "off"
