@@ -73,4 +73,19 @@ static inline void klc_gf_double(uint8_t t[16])
     __builtin_memcpy(t + 8, &hi, 8);
 }
 
+/* klc_gf_fold8[b] = b(x) * (x^7 + x^2 + x + 1), carry-less (at most 15 bits):
+ * what the byte b shifted out of the top of a tweak contributes at the bottom
+ * when the tweak is multiplied by x^8 (xts.c). */
+extern const uint64_t klc_gf_fold8[256];
+
+/* out = in * x^8 in GF(2^128), tweaks as (lo, hi) 64-bit halves.  Scalar on
+ * purpose: the engines run it on the integer ALUs, next to AES on the vector
+ * ports, instead of taking vector-port slots from the AES rounds. */
+static inline void klc_gf_mul_x8(const uint64_t in[2], uint64_t out[2])
+{
+    uint64_t lo = in[0], hi = in[1];
+    out[1] = (hi << 8) | (lo >> 56);
+    out[0] = (lo << 8) ^ klc_gf_fold8[hi >> 56];
+}
+
 #endif

