@@ -31,3 +31,5 @@ fi
 .venv/bin/pip install -q --disable-pip-version-check -U pip setuptools wheel
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 .venv/bin/python -c "import klcrypt.xts as x; print('setup: engines available:', ', '.join(x.available_engines()))"
+# mount(8) runs helpers from /sbin only: fstab type "klcrypt" -> /sbin/mount.klcrypt
+ln -sfn "$PWD/.venv/bin/mount.klcrypt" /sbin/mount.klcrypt

@@ -29,7 +29,7 @@ import trio
 
 from .. import errors
 from ..exitcodes import ExitCode
-from . import protocol, system
+from . import mountwatch, protocol, system
 from .plane import Plane, fuse_mount
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,9 @@ class Daemon:
             system.fs_mount(self.loop, mdir, cfg.get("fstype"), cfg.get("mount_options"), ro)
             self.mount_dir = mdir
             self._undo.callback(self._umount_inner_quiet)
+            # detach now = auto-clear: the kernel frees the loop device when the
+            # filesystem lets go of it, so a plain `umount DIR` leaves no loop behind
+            system.loop_detach(self.loop)
 
         # 7. state file and control socket
         self._write_state()
@@ -330,7 +333,12 @@ class Daemon:
                 self.mount_dir = None
                 self._write_state()
             if self.loop:
-                await trio.to_thread.run_sync(system.loop_detach, self.loop)
+                # auto-clearing: usually gone with the filesystem; never detach a
+                # loop device that was freed and then reused by someone else
+                if mountwatch.loop_is_ours(self.loop, self.paths.file, system.loop_backing):
+                    await trio.to_thread.run_sync(system.loop_detach, self.loop)
+                await mountwatch.wait_loop_released(self.loop, self.paths.file,
+                                                    system.loop_backing)
                 self.loop = None
                 self._write_state()
             if not self.cfg.get("read_only"):
@@ -371,6 +379,8 @@ class Daemon:
         async with trio.open_nursery() as n:
             n.start_soon(self._signals)
             n.start_soon(self._watch)
+            if self.mount_dir:
+                n.start_soon(self._watch_inner_mount)
             n.start_soon(trio.serve_listeners, self._serve_conn, [listener])
             task_status.started()
             await self.done.wait()
@@ -395,6 +405,20 @@ class Daemon:
                 break
         self.mounted = False
         self.done.set()
+
+    async def _watch_inner_mount(self) -> None:
+        """A plain `umount DIR` removed the filesystem klcrypt mounted: close too."""
+        mdir, loop = self.mount_dir, self.loop
+        await mountwatch.wait_until(
+            lambda: self.closing or not mountwatch.mounted_from(mdir, loop, system.mounts()))
+        if self.closing:
+            return
+        log.info("%s was unmounted: closing mapping %s", mdir, self.name)
+        self.mount_dir = None
+        try:
+            await self.close(force=True)
+        except errors.KlcryptError as e:
+            log.error("close after umount %s failed: %s", mdir, e)
 
     async def _serve_conn(self, stream: trio.SocketStream) -> None:
         async with stream:

@@ -1,0 +1,311 @@
+"""mount.klcrypt and fstab: the helper's calling convention (unit) and the real
+mount(8)/umount(8) commands on a temporary fstab (interop): mount -a, mount DIR,
+umount DIR tearing everything down, nofail, ro, a second mount -a."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from klcrypt import mounthelper as mh
+from klcrypt.mapping import system
+
+import maputil
+
+# ---- unit: the helper's argument convention --------------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("directory,name", [
+    ("/srv/vault", "srv-vault"),
+    ("/srv/vault/", "srv-vault"),
+    ("/", "root"),
+    ("/mnt/my disk", "mnt-my_disk"),
+    ("/mnt/a-b", "mnt-a_b"),
+    ("/.hidden", "m.hidden"),
+])
+def test_name_for(directory, name):
+    assert mh.name_for(directory) == name
+    assert system.check_name(mh.name_for(directory))
+
+
+@pytest.mark.unit
+def test_name_for_long_path_is_valid_and_distinct():
+    a, b = "/x" * 100 + "/a", "/y" * 100 + "/a"
+    assert mh.name_for(a) != mh.name_for(b)
+    for d in (a, b):
+        assert len(mh.name_for(d)) <= 127 and system.check_name(mh.name_for(d))
+
+
+@pytest.mark.unit
+def test_parse_helper_convention():
+    # mount(8): mount.klcrypt SPEC DIR [-sfnv] [-N ns] [-o opts] [-t type.subtype]
+    r = mh.parse_argv(["/dev/sdb2", "/srv/vault", "-sv", "-o",
+                       "rw,noatime,keyfile=/etc/k,fstype=ext4,nofail,x-systemd.device-timeout=3,"
+                       "_netdev,comment=x,engine=aesni,name=v1,nodev"])
+    assert (r.spec, r.directory, r.name) == ("/dev/sdb2", "/srv/vault", "v1")
+    assert r.verbose and not r.fake and r.nofail and not r.read_only
+    assert r.klcrypt == {"keyfile": "/etc/k", "fstype": "ext4", "engine": "aesni"}
+    assert r.fs_options == ["noatime", "nodev"]
+    r = mh.parse_argv(["-o", "ro", "-f", "img", "d", "-t", "klcrypt.xfs"])
+    assert r.read_only and r.fake and r.klcrypt == {"fstype": "xfs"}
+    assert r.name == mh.name_for(os.path.abspath("d"))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("argv", [
+    ["only-one"],
+    ["a", "b", "c"],
+    ["a", "b", "-N", "/proc/1/ns/mnt"],
+    ["a", "b", "-t", "ext4"],
+    ["a", "b", "-o", "keyfile="],
+    ["a", "b", "-x"],
+    ["a", "b", "-o"],
+])
+def test_parse_rejects(argv):
+    with pytest.raises(mh.HelperUsage):
+        mh.parse_argv(argv)
+
+
+@pytest.mark.unit
+def test_open_argv_and_missing_option():
+    r = mh.parse_argv(["dev", "/d", "-o", "ro,keyfile=/k,noatime,engine=openssl"])
+    have = {"--key-file", "--engine", "--fstype"}
+    assert mh.open_argv(r, have) == ["open", "dev", "d", "--mount", "/d", "--key-file", "/k",
+                                     "--engine", "openssl", "--read-only",
+                                     "--mount-options", "noatime"]
+    r = mh.parse_argv(["dev", "/d", "-o", "restore-mode=paravirt_any"])
+    with pytest.raises(mh.HelperUsage, match="restore-mode"):
+        mh.open_argv(r, have)
+
+
+@pytest.mark.unit
+def test_every_helper_option_exists_in_klcrypt_open():
+    have = mh._open_options()
+    missing = [k for k, flag in mh.KLCRYPT_OPTIONS.items() if flag not in have]
+    # restore-mode= arrives with the restore modes; every other option must map
+    assert set(missing) <= {"restore-mode"}, missing
+
+
+@pytest.mark.unit
+def test_nofail_missing_device_is_success(tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    assert mh.run([str(tmp_path / "nope.img"), str(d), "-o", "nofail,keyfile=/k"]) == 0
+    assert "nofail" in capsys.readouterr().err
+    with pytest.raises(mh.errors.DeviceError):
+        mh.run([str(tmp_path / "nope.img"), str(d), "-o", "keyfile=/k"])
+
+
+def _helper(*argv):
+    return subprocess.run([sys.executable, "-m", "klcrypt.mounthelper", *argv],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+
+
+@pytest.mark.unit
+def test_helper_exit_codes(tmp_path):
+    r = _helper("x")
+    assert r.returncode == mh.MOUNT_USAGE and "usage" in r.stderr
+    r = _helper(str(tmp_path / "nope"), str(tmp_path))
+    assert r.returncode == mh.MOUNT_FAILURE and "does not exist" in r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+# ---- interop: the real mount(8) and umount(8) -------------------------------
+
+PASS = b"fstab pass"
+SETTLE_S = 15.0
+
+
+@pytest.fixture(scope="module")
+def helper_type():
+    """The fstab type to use: "klcrypt" when /sbin/mount.klcrypt runs this checkout
+    (scripts/setup.sh installs it), else a private helper name pointing here, so
+    that parallel checkouts never test each other's code."""
+    mine = os.path.join(sys.prefix, "bin", "mount.klcrypt")
+    if not os.path.exists(mine):
+        pytest.skip("mount.klcrypt is not installed in this environment (pip install -e .)")
+    if os.path.realpath("/sbin/mount.klcrypt") == os.path.realpath(mine):
+        yield "klcrypt"
+        return
+    typ = f"klctest{os.getpid()}"
+    link = f"/sbin/mount.{typ}"
+    os.symlink(mine, link)
+    try:
+        yield typ
+    finally:
+        os.unlink(link)
+
+
+@pytest.fixture(scope="module")
+def ext4_volume(tmp_path_factory):
+    """A klcrypt-formatted image holding an ext4 filesystem, and its key file."""
+    d = tmp_path_factory.mktemp("fstab")
+    img, key = d / "vol.img", d / "vol.key"
+    key.write_bytes(PASS)
+    with open(img, "wb") as f:
+        f.truncate(48 << 20)
+    kl = [sys.executable, "-m", "klcrypt"]
+    subprocess.run(kl + ["format", "-q", "--key-file", str(key), "--pbkdf", "pbkdf2",
+                         "--pbkdf-force-iterations", "1000", str(img)], check=True,
+                   capture_output=True)
+    name = f"mkfs{os.getpid()}"
+    subprocess.run(kl + ["open", str(img), name, "--key-file", str(key)], check=True,
+                   capture_output=True)
+    try:
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", str(system.Paths(name).file)],
+                       check=True, capture_output=True)
+    finally:
+        maputil.force_cleanup(name)
+    return img, key
+
+
+def _mount(*args, timeout=120):
+    return subprocess.run(["mount", *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def _state_for(directory):
+    for p in system.run_dir().glob("*.json"):
+        try:
+            st = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if st.get("mount") == str(directory):
+            return st
+    return None
+
+
+def _leftovers(st, img):
+    """What is still there of a mapping that should be gone (empty = nothing)."""
+    out = []
+    paths = system.Paths(st["name"])
+    if system.find_mount(paths.file):
+        out.append(f"FUSE mount {paths.file}")
+    if system.loops_for(paths.file):
+        out.append(f"loop {system.loops_for(paths.file)}")
+    if st["pid"] and system.process_start(st["pid"]) == st["pid_start"]:
+        out.append(f"daemon pid {st['pid']}")
+    if paths.sock.exists() or paths.state.exists():
+        out.append("control socket/state file")
+    return out
+
+
+def _wait_gone(st, img, directory):
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        left = _leftovers(st, img)
+        if system.find_mount(directory):
+            left.append(f"mount on {directory}")
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def mountpoint(tmp_path):
+    d = tmp_path / "mnt"
+    d.mkdir()
+    yield d
+    # always: nothing may stay mounted or mapped after a test
+    st = _state_for(d)
+    while system.find_mount(d):
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+    if st:
+        maputil.force_cleanup(st["name"])
+
+
+def _fstab(tmp_path, line):
+    f = tmp_path / "fstab"
+    f.write_text("# klcrypt test fstab\n" + line + "\n")
+    return f
+
+
+@pytest.mark.interop
+def test_fstab_mount_write_umount_teardown(tmp_path, ext4_volume, helper_type, mountpoint):
+    img, key = ext4_volume
+    fstab = _fstab(tmp_path, f"{img} {mountpoint} {helper_type} "
+                             f"keyfile={key},fstype=ext4,nofail,noatime,"
+                             f"x-systemd.device-timeout=10 0 0")
+    r = _mount("-T", str(fstab), str(mountpoint))
+    assert r.returncode == 0, r.stderr
+    m = system.find_mount(mountpoint)
+    assert m and m.fstype == "ext4" and m.source.startswith("/dev/loop")
+    assert "noatime" in m.options.split(",")
+    st = _state_for(mountpoint)
+    assert st and st["name"] == mh.name_for(str(mountpoint))
+    (mountpoint / "hello.txt").write_text("hello through fstab\n")
+    os.makedirs(mountpoint / "sub")
+    with open(mountpoint / "sub" / "blob", "wb") as f:
+        f.write(os.urandom(1 << 20))
+        os.fsync(f.fileno())
+
+    # a second `mount -a` must succeed and leave the one mount alone
+    r = _mount("-a", "-T", str(fstab))
+    assert r.returncode == 0, r.stderr
+    assert [x.mountpoint for x in system.mounts()].count(str(mountpoint)) == 1
+
+    r = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert _wait_gone(st, img, mountpoint) == []
+
+    # the data survived: mount again with --fstab (the long option), read, tear down
+    r = _mount("--fstab", str(fstab), str(mountpoint))
+    assert r.returncode == 0, r.stderr
+    assert (mountpoint / "hello.txt").read_text() == "hello through fstab\n"
+    assert os.path.getsize(mountpoint / "sub" / "blob") == 1 << 20
+    st = _state_for(mountpoint)
+    r = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert _wait_gone(st, img, mountpoint) == []
+
+
+@pytest.mark.interop
+def test_mount_a_read_only(tmp_path, ext4_volume, helper_type, mountpoint):
+    img, key = ext4_volume
+    fstab = _fstab(tmp_path, f"{img} {mountpoint} {helper_type} keyfile={key},ro 0 0")
+    r = _mount("-a", "-T", str(fstab))
+    assert r.returncode == 0, r.stderr
+    m = system.find_mount(mountpoint)
+    assert m and "ro" in m.options.split(",")
+    st = _state_for(mountpoint)
+    assert st is not None
+    with pytest.raises(OSError) as e:
+        (mountpoint / "new").write_text("x")
+    assert e.value.errno == 30          # EROFS
+    from klcrypt.mapping import api
+    assert api.status(st["name"])["read_only"] is True
+    r = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert _wait_gone(st, img, mountpoint) == []
+
+
+@pytest.mark.interop
+def test_nofail_missing_device(tmp_path, helper_type, mountpoint, ext4_volume):
+    _, key = ext4_volume
+    missing = tmp_path / "no-such-disk.img"
+    fstab = _fstab(tmp_path, f"{missing} {mountpoint} {helper_type} keyfile={key},nofail 0 0")
+    r = _mount("-a", "-T", str(fstab))
+    assert r.returncode == 0, r.stderr
+    assert "nofail" in r.stderr and not system.find_mount(mountpoint)
+    fstab = _fstab(tmp_path, f"{missing} {mountpoint} {helper_type} keyfile={key} 0 0")
+    r = _mount("-a", "-T", str(fstab))
+    assert r.returncode != 0 and "does not exist" in r.stderr
+    assert not system.find_mount(mountpoint)
+
+
+@pytest.mark.interop
+def test_wrong_key_leaves_nothing(tmp_path, ext4_volume, helper_type, mountpoint):
+    img, _ = ext4_volume
+    bad = tmp_path / "bad.key"
+    bad.write_bytes(b"not the passphrase")
+    fstab = _fstab(tmp_path, f"{img} {mountpoint} {helper_type} keyfile={bad} 0 0")
+    r = _mount("-T", str(fstab), str(mountpoint))
+    assert r.returncode == mh.MOUNT_FAILURE, r.stderr
+    assert "passphrase" in r.stderr.lower() or "key" in r.stderr.lower()
+    assert not system.find_mount(mountpoint)
+    name = mh.name_for(str(mountpoint))
+    assert not system.find_mount(system.Paths(name).file)
+    assert not system.Paths(name).sock.exists()
