@@ -119,6 +119,23 @@ PASS = b"fstab pass"
 SETTLE_S = 15.0
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _private_run_dir(tmp_path_factory):
+    """This module's mappings (and their logs) in a run directory of their own."""
+    from conftest import _sweep_mappings
+    old = os.environ.get(system.ENV_RUN_DIR)
+    d = str(tmp_path_factory.mktemp("run"))
+    os.environ[system.ENV_RUN_DIR] = d
+    try:
+        yield d
+    finally:
+        _sweep_mappings(d)
+        if old is None:
+            os.environ.pop(system.ENV_RUN_DIR, None)
+        else:
+            os.environ[system.ENV_RUN_DIR] = old
+
+
 @pytest.fixture(scope="module")
 def helper_type():
     """The fstab type to use: "klcrypt" when /sbin/mount.klcrypt runs this checkout
