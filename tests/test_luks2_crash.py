@@ -116,3 +116,33 @@ def test_cryptsetup_agrees_after_crash(tmp_path, base, name):
             kf = write_key(tmp_path / "kf", pw)
             r = cs("open", "--test-passphrase", "--key-file", kf, img, check=False)
             assert (r.returncode == 0) == ok, (name, k, pw, r.stderr)
+
+
+@pytest.mark.unit
+def test_concurrent_change_is_refused_busy(tmp_path, base):
+    import fcntl
+    from luks2util import klc
+    img = str(tmp_path / "v.img")
+    shutil.copyfile(base, img)
+    kf = write_key(tmp_path / "k", b"old")
+    with open(img, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        r = klc("add-key", "--key-file", kf, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations",
+                "1000", img, kf)
+        assert r.returncode == 5 and b"locked by another klcrypt process" in r.stderr
+    assert klc("add-key", "--key-file", kf, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations",
+               "1000", img, kf).returncode == 0
+
+
+@pytest.mark.unit
+def test_keyslot_priority(tmp_path, base):
+    from luks2util import mutate_meta
+    img = str(tmp_path / "v.img")
+    shutil.copyfile(base, img)
+    # keyslot 0 ("old") ignored unless named; keyslot 1 ("other") preferred
+    mutate_meta(img, lambda m: (m["keyslots"]["0"].__setitem__("priority", 0),
+                                m["keyslots"]["1"].__setitem__("priority", 2)))
+    vol = luks2.load(img)
+    assert not opens(img, b"old")
+    assert luks2.unlock_slot(vol, bytearray(b"old"), 0)[1] == 0
+    assert luks2.unlock_slot(vol, bytearray(b"other"))[1] == 1
