@@ -30,3 +30,16 @@ def test_pbkdf2_benchmark_respects_minimum():
     p = kdf.new_params("pbkdf2", 64, iter_time_ms=1)
     assert p.iterations >= 1000 and p.hash == "sha256"
     assert kdf.new_params("pbkdf2", 64, iter_time_ms=200).iterations > 1000
+
+
+def test_benchmark_pbkdf_lines():
+    from klcrypt import bench
+    rows = bench.pbkdf_rows(iter_time_ms=100)
+    assert [r["pbkdf"] for r in rows] == ["pbkdf2-sha1", "pbkdf2-sha256", "pbkdf2-sha512",
+                                          "argon2i", "argon2id"]
+    assert all(r["iterations_per_second"] > 1000 for r in rows[:3])
+    text = bench.format_pbkdf_lines(rows).splitlines()
+    assert text[1].startswith("PBKDF2-sha256") and text[1].endswith(
+        "iterations per second for 256-bit key")
+    assert text[4].startswith("argon2id") and "parallel threads (CPUs) for 256-bit key " \
+        "(requested 100 ms time)" in text[4]

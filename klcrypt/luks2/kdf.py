@@ -155,7 +155,8 @@ def default_argon2_limits() -> tuple[int, int]:
 def argon2_costs_for(kind: str, ms: int, max_memory_kib: int, cpus: int) -> tuple[int, int]:
     """(time cost, memory KiB) so one derivation takes about ms milliseconds.
 
-    Measures a small run and scales linearly (argon2's cost is ~ time * memory):
+    Measures a small run and scales linearly (argon2's cost is ~ time * memory),
+    then times the chosen costs once and rescales:
     the memory is as high as allowed, then the time cost (>= 4) fills the budget;
     when even 4 passes at full memory are too slow, the memory shrinks (not
     below 64 MiB, or the given maximum if that is lower).
@@ -166,12 +167,20 @@ def argon2_costs_for(kind: str, ms: int, max_memory_kib: int, cpus: int) -> tupl
                for _ in range(2))
     per_kib_pass = max(best, 1e-6) / probe_mem            # seconds per (pass * KiB)
     budget = ms / 1000.0
-    t = int(budget / (per_kib_pass * max_memory_kib))
-    if t >= ARGON2_MIN_TIME:
-        return t, max_memory_kib
-    mem = int(budget / (per_kib_pass * ARGON2_MIN_TIME))
     floor = min(ARGON2_BENCH_MIN_MEMORY, max_memory_kib)
-    return ARGON2_MIN_TIME, max(floor, min(max_memory_kib, mem))
+
+    def fit(cost_per_kib_pass):
+        t = int(budget / (cost_per_kib_pass * max_memory_kib))
+        if t >= ARGON2_MIN_TIME:
+            return t, max_memory_kib
+        mem = int(budget / (cost_per_kib_pass * ARGON2_MIN_TIME))
+        return ARGON2_MIN_TIME, max(floor, min(max_memory_kib, mem))
+
+    t, mem = fit(per_kib_pass)
+    # One calibration run with the chosen costs: the small probe misjudges large
+    # memory (page faults, caches), so rescale once from the real time.
+    real = _time(lambda: wipe(argon2(kind, pw, salt, t, mem, cpus, 32)))
+    return fit(max(real, 1e-6) / (t * mem))
 
 
 def new_params(kind: str, key_len: int, iter_time_ms: int = 2000, memory_kib=None,
