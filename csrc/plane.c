@@ -625,6 +625,9 @@ static void *worker_main(void *arg)
 {
     struct worker *w = arg;
     klc_plane *p = w->p;
+    char tname[16];
+    snprintf(tname, sizeof tname, "klc-plane-%d", (int)(w - p->w));
+    pthread_setname_np(pthread_self(), tname);
     for (;;) {
         ssize_t n = read(w->fd, w->req, w->req_len);
         if (n < 0) {
@@ -737,6 +740,12 @@ int klc_plane_init(klc_plane *p, int timeout_ms)
         /* Deliberately not: FUSE_WRITEBACK_CACHE (the daemon and kernel keep no dirty
          * data), FUSE_AUTO_INVAL_DATA (would GETATTR before reads), ATOMIC_O_TRUNC. */
         o.flags = in->flags & want;
+        /* With FOPEN_DIRECT_IO, still allow shared mmap of the file (7.39's
+         * FUSE_DIRECT_IO_ALLOW_MMAP, bit 36 = flags2 bit 4; older headers lack it). */
+        if (p->cfg.direct_io && (in->flags & FUSE_INIT_EXT) && (in->flags2 & (1u << 4))) {
+            o.flags |= FUSE_INIT_EXT;
+            o.flags2 = 1u << 4;
+        }
         o.max_readahead = in->max_readahead < p->cfg.max_write ? in->max_readahead
                                                                : p->cfg.max_write;
         o.max_write = p->cfg.max_write;

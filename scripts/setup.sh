@@ -9,7 +9,7 @@ APT_PACKAGES=(
     build-essential pkg-config python3-dev python3-venv
     fuse3 libfuse3-dev libssl-dev
     cryptsetup-bin fio e2fsprogs util-linux kmod
-    gocryptfs groff-base mandoc
+    gocryptfs securefs groff-base mandoc
     dbus-daemon
 )
 

@@ -74,13 +74,13 @@ def test_open_status_close(vol, name):
         api.status(name)
 
 
-@pytest.mark.parametrize("which", ["vol", "vol512"])
-def test_random_io_against_model_and_oracle(which, request, name):
+@pytest.mark.parametrize("which,direct_io", [("vol", True), ("vol512", True), ("vol", False)])
+def test_random_io_against_model_and_oracle(which, direct_io, request, name):
     v = request.getfixturevalue(which)
     size = v["data_size"]
     rng = random.Random(1234)
     model = bytearray(backing_plaintext(v))   # whatever luksFormat left there
-    with maputil.mapping(v, name):
+    with maputil.mapping(v, name, direct_io=direct_io):
         path = system.Paths(name).file
         fd = os.open(path, os.O_RDWR)
         try:
@@ -309,3 +309,20 @@ def test_cli_open_close_roundtrip(vol, name, klcrypt_cli):
     r = klcrypt_cli("open", vol["path"], name, "--key-file", wrong)
     assert r.returncode == ExitCode.PERMISSION
     assert not system.find_mount(system.Paths(name).file)
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_mmap_shared(vol, name, direct_io):
+    import mmap
+    with maputil.mapping(vol, name, direct_io=direct_io):
+        path = system.Paths(name).file
+        fd = os.open(path, os.O_RDWR)
+        try:
+            m = mmap.mmap(fd, 1 << 20, mmap.MAP_SHARED, offset=1 << 20)
+            m[100:200] = b"m" * 100
+            m.flush()
+            m.close()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    assert backing_plaintext(vol)[(1 << 20) + 100:(1 << 20) + 200] == b"m" * 100

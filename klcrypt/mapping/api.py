@@ -53,9 +53,10 @@ class MapOptions:
     fstype: str | None = None
     mount_options: str | None = None
     threads: int = 0                 # 0 = the daemon's default
-    direct_io: bool = False          # FOPEN_DIRECT_IO on the plaintext file
+    direct_io: bool = True           # FOPEN_DIRECT_IO: no page cache for the plaintext file
     engine_threads: int = 0
     lock_timeout_ms: int = 30000
+    read_ahead_kb: int = 0           # 0 = the daemon's default
     verbose: bool = False
 
 

@@ -39,6 +39,7 @@ BLKSSZGET = 0x1268
 PR_SET_DUMPABLE = 4
 WATCH_INTERVAL = 0.2         # s between checks that the plane still runs
 PLANE_DEFAULT_THREADS = 16
+READ_AHEAD_KB = 4096         # readahead window of the plaintext file (KiB)
 
 
 def device_size(fd: int) -> int:
@@ -176,11 +177,12 @@ class Daemon:
             data_offset=cfg["data_offset"], size=cfg["data_size"],
             sector_size=cfg["sector_size"], iv_tweak=cfg.get("iv_tweak", 0), xts=self.xts,
             read_only=ro, threads=int(cfg.get("threads") or PLANE_DEFAULT_THREADS),
-            direct_io=bool(cfg.get("direct_io")), uid=os.getuid(), gid=os.getgid(),
+            direct_io=bool(cfg.get("direct_io", True)), uid=os.getuid(), gid=os.getgid(),
             mode=0o600, engine_threads=int(cfg.get("engine_threads", 0)),
             lock_timeout_ms=int(cfg.get("lock_timeout_ms", 30000)))
         self.plane.init()
         self.plane.start()
+        self._tune_readahead(int(cfg.get("read_ahead_kb") or READ_AHEAD_KB))
 
         # 6. optional loop device + inner filesystem
         if cfg.get("mount_dir"):
@@ -210,6 +212,20 @@ class Daemon:
         self._undo.callback(s.close)
         self._undo.callback(_unlink_quiet, paths.sock)
         log.info("mapping %s ready: %s -> %s", self.name, dev, paths.file)
+
+    def _tune_readahead(self, kb: int) -> None:
+        """The kernel offers FUSE only its default 128 KiB readahead in INIT; a
+        deeper window keeps both the kernel and the plane's threads busy on
+        sequential reads (requests stay <= max_write)."""
+        entry = system.find_mount(self.paths.file)
+        if entry is None:
+            return
+        p = f"/sys/class/bdi/{entry.dev}/read_ahead_kb"
+        try:
+            with open(p, "w") as f:
+                f.write(str(kb))
+        except OSError as e:
+            log.warning("cannot set %s: %s", p, e.strerror)
 
     def _write_state(self) -> None:
         st = {"name": self.name, "pid": os.getpid(),

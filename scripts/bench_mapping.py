@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Benchmark the klcrypt mapping against gocryptfs (and securefs) with fio, in one run.
+
+Same fio workloads on each, backing store in RAM (a tmpfs) and on disk:
+  seqwrite  1 MiB blocks, QD 8, buffered        seqread  1 MiB blocks, QD 8, buffered
+  randwrite 4 KiB, QD 16, O_DIRECT              randread 4 KiB, QD 16, O_DIRECT
+klcrypt serves fio on its plaintext file (/run/klcrypt/NAME, like /dev/mapper/NAME);
+the peers serve one file of the same size inside their filesystems.  Only ratios
+from the same run mean anything (the machine is shared); the table prints them.
+
+usage (root): .venv/bin/python scripts/bench_mapping.py [--size-mib 512] [--runtime 6]
+              [--backing ram,disk] [--engine vaes] [--json out.json] [--peers gocryptfs,securefs]
+"""
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+import maputil  # noqa: E402
+from klcrypt.mapping import api, system  # noqa: E402
+
+WORKLOADS = [
+    ("seqwrite", dict(rw="write", bs="1M", iodepth=8, direct=0)),
+    ("seqread", dict(rw="read", bs="1M", iodepth=8, direct=0)),
+    ("randwrite", dict(rw="randwrite", bs="4k", iodepth=16, direct=1)),
+    ("randread", dict(rw="randread", bs="4k", iodepth=16, direct=1)),
+]
+PASS = "bench-pass"
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def fio(path, size, runtime, rw, bs, iodepth, direct):
+    cmd = ["fio", "--name=b", f"--filename={path}", f"--size={size}", f"--rw={rw}",
+           f"--bs={bs}", f"--iodepth={iodepth}", f"--direct={direct}", "--ioengine=libaio",
+           "--time_based", f"--runtime={runtime}", "--ramp_time=1", "--numjobs=1",
+           "--randrepeat=0", "--output-format=json"]
+    if rw in ("write", "randwrite") and not direct:
+        cmd.append("--end_fsync=1")
+    out = sh(cmd).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["read"] if "read" in rw else job["write"]
+    return {"MBps": side["bw_bytes"] / 1e6, "iops": side["iops"]}
+
+
+def layout(path, size):
+    """Write the whole file once so reads read real data."""
+    sh(["fio", "--name=fill", f"--filename={path}", f"--size={size}", "--rw=write",
+        "--bs=1M", "--iodepth=8", "--ioengine=libaio", "--direct=0", "--end_fsync=1"])
+
+
+@contextlib.contextmanager
+def klcrypt_target(base, size, engine, direct_io, read_ahead_kb=0):
+    img = os.path.join(base, "kl.img")
+    vol = maputil.make_volume(img, size + (16 << 20))
+    name = f"bench{os.getpid()}"
+    st = api.open_mapping(maputil.target(vol), bytearray(vol["key"]),
+                          api.MapOptions(name=name, engine=engine, keylocker="off",
+                                         direct_io=direct_io, read_ahead_kb=read_ahead_kb))
+    try:
+        yield str(system.Paths(name).file), st["engine"], st["pid"]
+    finally:
+        maputil.force_cleanup(name)
+        os.unlink(img)
+
+
+@contextlib.contextmanager
+def gocryptfs_target(base, size):
+    cipher, mnt = os.path.join(base, "gc.cipher"), os.path.join(base, "gc.mnt")
+    os.mkdir(cipher)
+    os.mkdir(mnt)
+    pf = os.path.join(base, "gc.pass")
+    with open(pf, "w") as f:
+        f.write(PASS)
+    sh(["gocryptfs", "-init", "-q", "-passfile", pf, "-scryptn", "10", cipher])
+    sh(["gocryptfs", "-q", "-passfile", pf, cipher, mnt])
+    try:
+        yield os.path.join(mnt, "file"), "gocryptfs", None
+    finally:
+        subprocess.run(["fusermount3", "-u", mnt])
+        shutil.rmtree(cipher, ignore_errors=True)
+        os.rmdir(mnt)
+        os.unlink(pf)
+
+
+@contextlib.contextmanager
+def securefs_target(base, size):
+    cipher, mnt = os.path.join(base, "sf.cipher"), os.path.join(base, "sf.mnt")
+    os.mkdir(cipher)
+    os.mkdir(mnt)
+    sh(["securefs", "create", "--pass", PASS, "--rounds", "1", cipher])
+    p = subprocess.Popen(["securefs", "mount", "--pass", PASS, "--background", cipher, mnt],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p.wait()
+    for _ in range(100):
+        if system.find_mount(mnt):
+            break
+        time.sleep(0.05)
+    try:
+        yield os.path.join(mnt, "file"), "securefs", None
+    finally:
+        subprocess.run(["fusermount3", "-u", mnt])
+        shutil.rmtree(cipher, ignore_errors=True)
+        os.rmdir(mnt)
+
+
+def run_target(ctx, size, runtime):
+    res = {}
+    with ctx as (path, label, _pid):
+        layout(path, size)
+        for wname, w in WORKLOADS:
+            res[wname] = fio(path, size, runtime, **w)
+    return label, res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=512)
+    ap.add_argument("--runtime", type=int, default=6)
+    ap.add_argument("--backing", default="ram,disk")
+    ap.add_argument("--engine", default="auto")
+    ap.add_argument("--peers", default="gocryptfs,securefs")
+    ap.add_argument("--page-cache", action="store_true",
+                    help="klcrypt without FOPEN_DIRECT_IO (kernel page cache)")
+    ap.add_argument("--disk-dir", default="/var/tmp")
+    ap.add_argument("--read-ahead-kb", type=int, default=0)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    size = a.size_mib << 20
+    os.environ.setdefault(system.ENV_RUN_DIR, tempfile.mkdtemp(prefix="klcrypt-bench-run-"))
+    peers = [p for p in a.peers.split(",") if p and shutil.which(p)]
+    results = {}
+    for backing in a.backing.split(","):
+        if backing == "ram":
+            base = tempfile.mkdtemp(prefix="klcrypt-bench-ram-")
+            sh(["mount", "-t", "tmpfs", "-o", f"size={2 * a.size_mib + 64}m", "tmpfs", base])
+        else:
+            base = tempfile.mkdtemp(prefix="klcrypt-bench-disk-", dir=a.disk_dir)
+        try:
+            rows = {}
+            label, r = run_target(klcrypt_target(base, size, a.engine, not a.page_cache, a.read_ahead_kb), size,
+                                  a.runtime)
+            rows[f"klcrypt ({label})"] = r
+            for peer in peers:
+                ctx = (gocryptfs_target if peer == "gocryptfs" else securefs_target)(base, size)
+                label, r = run_target(ctx, size, a.runtime)
+                rows[label] = r
+            results[backing] = rows
+        finally:
+            if backing == "ram":
+                subprocess.run(["umount", base])
+            shutil.rmtree(base, ignore_errors=True)
+        print_table(backing, rows)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def print_table(backing, rows):
+    print(f"\n== backing: {backing} ==")
+    hdr = f"{'target':<20}" + "".join(f"{w:>16}" for w, _ in WORKLOADS)
+    print(hdr)
+    for label, r in rows.items():
+        cells = []
+        for w, _ in WORKLOADS:
+            v = r[w]
+            cells.append(f"{v['MBps']:>11.0f} MB/s" if w.startswith("seq")
+                         else f"{v['iops'] / 1000:>10.1f}k IOPS")
+        print(f"{label:<20}" + "".join(f"{c:>16}" for c in cells))
+    kl = next(iter(rows.values()))
+    peers = list(rows.items())[1:]
+    if peers:
+        for w, _ in WORKLOADS:
+            key = "MBps" if w.startswith("seq") else "iops"
+            best = max(peers, key=lambda kv: kv[1][w][key])
+            ratio = kl[w][key] / best[1][w][key] if best[1][w][key] else float("inf")
+            print(f"  {w:<10} klcrypt / best peer ({best[0]}): {ratio:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
