@@ -194,14 +194,15 @@ def test_read_only(vol, name):
 def test_failure_before_ready_leaves_nothing(vol, tmp_path, name):
     mdir = tmp_path / "mnt"
     mdir.mkdir()
-    loops_before = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     # the volume holds no filesystem: the inner mount fails after the FUSE
     # mount and the loop device were set up; both must be undone
     with pytest.raises(errors.MountError):
         maputil.open_map(vol, name, mount_dir=str(mdir), fstype="ext4")
     assert not system.find_mount(system.Paths(name).file)
     assert not system.find_mount(str(mdir))
-    assert subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout == loops_before
+    assert not system.loops_for(system.Paths(name).file)
+    assert str(system.Paths(name).file) not in subprocess.run(
+        ["losetup", "-a"], capture_output=True, text=True).stdout
     assert not [p for p in os.listdir(system.run_dir()) if not p.endswith(".log")]
     # a device too small for its header's data segment
     t = maputil.target(vol)
