@@ -543,14 +543,22 @@ def _report(fd: int, msg: dict) -> None:
 def child_main() -> int:
     """Entry of the detached daemon process (see open_mapping)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # until trio installs its handlers
-    cfg_line = sys.stdin.buffer.readline()
+    # Unbuffered reads only: a buffered stdin would pull the key that follows the
+    # config line into its own buffer, which nobody wipes (found by the memory scan
+    # in tests/test_keylocker_daemon.py).
+    cfg_line = bytearray()
+    while not cfg_line.endswith(b"\n"):
+        b = os.read(0, 1)
+        if not b:
+            break
+        cfg_line += b
     cfg = json.loads(cfg_line)
     status_fd = int(cfg.pop("status_fd", -1))
     key = bytearray(cfg["key_size"])
     view = memoryview(key)
     got = 0
     while got < len(key):
-        n = sys.stdin.buffer.readinto(view[got:])
+        n = os.readv(0, [view[got:]])
         if not n:
             break
         got += n
