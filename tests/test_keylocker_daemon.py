@@ -1,6 +1,9 @@
 """End to end: a mapping daemon started by `open` with --keylocker emulated holds no
 copy of the volume key, of either half, or of any AES round key of them (scanned
 through /proc/PID/mem); with --keylocker off the same scan finds the key."""
+import contextlib
+import os
+
 import pytest
 
 import maputil
@@ -15,13 +18,18 @@ def vol(tmp_path):
 
 
 def _scan_daemon(vol, name, keylocker):
-    with maputil.mapping(vol, name, keylocker=keylocker) as st:
-        path = f"{maputil.system.Paths(name).file}"
-        with open(path, "r+b", buffering=0) as f:     # some I/O through the handles
-            f.write(b"\x5a" * 65536)
-            f.seek(0)
-            assert f.read(65536) == b"\x5a" * 65536
-        return scan(st["pid"], key_patterns(vol["key"]))
+    paths = maputil.system.Paths(name)
+    try:
+        with maputil.mapping(vol, name, keylocker=keylocker) as st:
+            with open(paths.file, "r+b", buffering=0) as f:   # some I/O through the handles
+                f.write(b"\x5a" * 65536)
+                f.seek(0)
+                assert f.read(65536) == b"\x5a" * 65536
+            return scan(st["pid"], key_patterns(vol["key"]))
+    finally:
+        maputil.force_cleanup(name)
+        with contextlib.suppress(FileNotFoundError):   # leave the run directory as found
+            os.unlink(paths.dir / f"{name}.log")
 
 
 def test_daemon_memory_with_keylocker_off_holds_the_key(vol, name):
