@@ -48,7 +48,7 @@ OPS = {
 def count_writes(img, op) -> int:
     n = [0]
 
-    def hook(off, length):
+    def hook(off, data):
         n[0] += 1
     disk._fault_hook = hook
     try:
@@ -72,7 +72,8 @@ def test_crash_at_every_write(tmp_path, base, name):
             shutil.copyfile(base, img)
             seen = [0]
 
-            def hook(off, length, k=k, mode=mode):
+            def hook(off, data, k=k, mode=mode):
+                length = len(data)
                 seen[0] += 1
                 if seen[0] - 1 == k:
                     return {"before": 0, "torn": length // 2, "after": length}[mode]
@@ -102,9 +103,9 @@ def test_cryptsetup_agrees_after_crash(tmp_path, base, name):
         shutil.copyfile(base, img)
         seen = [0]
 
-        def hook(off, length, k=k):
+        def hook(off, data, k=k):
             seen[0] += 1
-            return length // 2 if seen[0] - 1 == k else None
+            return len(data) // 2 if seen[0] - 1 == k else None
         disk._fault_hook = hook
         try:
             with pytest.raises(disk.SimulatedCrash):
@@ -146,3 +147,45 @@ def test_keyslot_priority(tmp_path, base):
     assert not opens(img, b"old")
     assert luks2.unlock_slot(vol, bytearray(b"old"), 0)[1] == 0
     assert luks2.unlock_slot(vol, bytearray(b"other"))[1] == 1
+
+
+KILLER = r"""
+import os, signal, sys
+from klcrypt import luks2
+from klcrypt.luks2 import disk
+img, op, k, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+seen = [0]
+def hook(off, data):
+    seen[0] += 1
+    if seen[0] - 1 == k:
+        n = {"before": 0, "torn": len(data) // 2, "after": len(data)}[mode]
+        fd = os.open(img, os.O_WRONLY)
+        os.pwrite(fd, data[:n], off)
+        os.fsync(fd)
+        os.kill(os.getpid(), signal.SIGKILL)   # no finally, no cleanup: a real kill
+disk._fault_hook = hook
+fast = luks2.PbkdfOptions("pbkdf2", force_iterations=1000)
+if op == "add-key":
+    luks2.add_key(img, bytearray(b"old"), bytearray(b"new"), pbkdf=fast)
+else:
+    luks2.change_key(img, bytearray(b"old"), bytearray(b"new"), pbkdf=fast)
+"""
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", ["add-key", "change-key"])
+def test_sigkill_at_every_write(tmp_path, base, name):
+    import signal
+    import subprocess
+    import sys
+    op, invariant = OPS[name]
+    total = count_writes(str(shutil.copyfile(base, str(tmp_path / "p.img"))), op)
+    for k in range(total):
+        for mode in ("torn", "after"):
+            img = str(tmp_path / f"k{k}{mode}.img")
+            shutil.copyfile(base, img)
+            p = subprocess.run([sys.executable, "-c", KILLER, img, name, str(k), mode],
+                               capture_output=True, timeout=120)
+            assert p.returncode == -signal.SIGKILL, p.stderr
+            assert invariant(img), (name, k, mode)
+            assert opens(img, b"other")

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from klcrypt import errors, luks2
+from klcrypt import cli, errors, luks2
 
 from luks2_defects import OK, TABLE
 from luks2util import HAVE_CRYPTSETUP, cs_format, klc, make_image, write_key
@@ -32,7 +32,7 @@ def digest(path):
 
 
 @pytest.mark.parametrize("row", TABLE, ids=[r[0].__name__[2:] for r in TABLE])
-def test_defect(tmp_path, base, row):
+def test_defect(tmp_path, base, row, capsys):
     gen, outcome = row[0], row[1]
     img = str(tmp_path / "v.img")
     shutil.copyfile(base, img)
@@ -59,13 +59,20 @@ def test_defect(tmp_path, base, row):
         luks2.load(img)
     assert type(ei.value).__name__ == exc_name, ei.value
     assert text in str(ei.value)
+    # every verb that reads the header: one line, the right code (in-process: fast) ...
     for argv in (["dump", img], ["open", "--test-passphrase", "--key-file", kf, img],
-                 ["add-key", "--key-file", kf, img, kf],
-                 ["remove-key", "--key-file", kf, img], ["repair", img]):
-        r = klc(*argv)
-        assert r.returncode == code, (argv, r.stderr)
-        lines = r.stderr.decode().strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("klcrypt: "), r.stderr
+                 ["add-key", "--key-file", kf, img, kf], ["change-key", "--key-file", kf, img, kf],
+                 ["remove-key", "--key-file", kf, img], ["repair", img],
+                 ["header-backup", img, str(tmp_path / "bk")]):
+        capsys.readouterr()
+        assert cli.main(argv) == code, argv
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("klcrypt: "), err
+    assert not (tmp_path / "bk").exists()
+    # ... and once through the real entry point in a process of its own
+    r = klc("dump", img)
+    assert r.returncode == code and r.stderr.count(b"\n") == 1, r.stderr
     assert digest(img) == before
 
 

@@ -20,9 +20,10 @@ from .binhdr import BIN_SIZE, HDR_SIZES, MAGIC_PRIMARY, MAGIC_SECONDARY, HeaderD
 
 log = logging.getLogger(__name__)
 
-# Fault injection point for tests: called as _fault_hook(offset, length) before every
-# metadata or keyslot write.  It returns None to let the write happen, or a byte count n:
-# then only the first n bytes are written and SimulatedCrash is raised.
+# Fault injection point for tests: called as _fault_hook(offset, data) before every
+# metadata or keyslot write (data: a memoryview).  It returns None to let the write
+# happen, or a byte count n: then only the first n bytes are written and SimulatedCrash
+# is raised.  (A test may also write a part itself and SIGKILL the process.)
 _fault_hook = None
 
 
@@ -169,7 +170,7 @@ def pwrite(fd: int, data, offset: int) -> None:
     """Write all of data at offset (through the test fault hook)."""
     mv = memoryview(data).cast("B")
     if _fault_hook is not None:
-        n = _fault_hook(offset, len(mv))
+        n = _fault_hook(offset, mv)
         if n is not None:
             _pwrite_all(fd, mv[:n], offset)
             os.fsync(fd)
