@@ -121,6 +121,9 @@ class HardwarePlatform:
     def apply(self) -> None:
         """Nothing to load: the kernel did.  (The userspace half lives in the guard.)"""
 
+    def ensure(self) -> None:
+        """The kernel keeps an IWKEY loaded; nothing for userspace to do."""
+
     def simulate(self, state: str) -> dict:
         raise errors.UsageError("simulate-sleep works only on the emulated Key Locker platform "
                                 "(on hardware, suspend the machine)")
@@ -276,6 +279,11 @@ class EmulatedPlatform:
                 self._backup()         # ... and uses the backup to carry it across guest S3
         else:  # pragma: no cover - the table and this code must agree
             raise AssertionError(f"BUG: no loader for mode {m.name}")
+
+    def ensure(self) -> None:
+        """Before re-wrapping: make sure an IWKEY of this mode is loaded."""
+        if not self.status()["loaded"]:
+            self._fresh()
 
     def simulate(self, state: str) -> None:
         """The power event itself: S3/S4 lose the local IWKEY (the backup stays)."""
