@@ -30,6 +30,13 @@ VERBS = [
          "(--test-passphrase: only check the passphrase)"),
     Verb("close", "close", "unmap /run/klcrypt/NAME: unmount, flush, wipe the keys"),
     Verb("status", "status", "show the state of a mapping"),
+    Verb("lock", "lock", "drop a mapping's key handles and block its I/O (luksSuspend)"),
+    Verb("unlock", "unlock", "re-derive the key from a keyslot and resume a locked mapping "
+         "(luksResume)"),
+    Verb("simulate-sleep", "simulate_sleep", "run a suspend/resume cycle on the emulated "
+         "Key Locker platform"),
+    Verb("config", "config", "show or set the defaults in the volume's klcrypt token "
+         "(restore mode)"),
     Verb("add-key", "add_key", "add a keyslot (cryptsetup luksAddKey)"),
     Verb("remove-key", "remove_key", "remove a keyslot (cryptsetup luksRemoveKey/luksKillSlot)"),
     Verb("change-key", "change_key", "change a keyslot's passphrase (cryptsetup luksChangeKey)"),

@@ -57,6 +57,8 @@ class MapOptions:
     engine_threads: int = 0
     lock_timeout_ms: int = 30000
     read_ahead_kb: int = 0           # 0 = the daemon's default
+    restore_mode: str = "auto"       # klcrypt.restore.modes.CHOICES
+    restore_mode_token: str | None = None   # the volume's klcrypt token default
     verbose: bool = False
 
 

@@ -27,6 +27,14 @@ def add_mapping_arguments(p) -> None:
     g.add_argument("--page-cache", action="store_true",
                    help="let the kernel cache the plaintext file in its page cache "
                         "(default: direct I/O, like a block device; faster here)")
+    from ..restore.modes import CHOICES as RESTORE_MODES
+    g.add_argument("--restore-mode", choices=RESTORE_MODES, default=None,
+                   help="how the Key Locker IWKEY is loaded and restored after S3/S4 "
+                        "(default: the volume's klcrypt token, else auto; see "
+                        "klcrypt-restore-modes(7))")
+    g.add_argument("--lock-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long I/O waits on a locked mapping before failing with EIO "
+                        "(default 30)")
 
 
 def options_from_args(args, default_engine: str | None = None) -> api.MapOptions:
@@ -42,7 +50,16 @@ def options_from_args(args, default_engine: str | None = None) -> api.MapOptions
         engine=args.engine or default_engine or "auto", keylocker=args.keylocker,
         foreground=args.foreground, mount_dir=args.mount_dir, fstype=args.fstype,
         mount_options=args.mount_options, threads=args.threads, direct_io=not args.page_cache,
-        verbose=bool(getattr(args, "verbose", False)))
+        verbose=bool(getattr(args, "verbose", False)),
+        restore_mode=args.restore_mode or "auto",
+        lock_timeout_ms=_lock_timeout_ms(args.lock_timeout))
+
+
+def _lock_timeout_ms(seconds: float) -> int:
+    from .. import errors
+    if not 0 < seconds <= 86400:
+        raise errors.UsageError("--lock-timeout must be in (0, 86400] seconds")
+    return int(seconds * 1000)
 
 
 def format_status(st: dict) -> str:
@@ -71,4 +88,18 @@ def format_status(st: dict) -> str:
         "  io:          " + ", ".join(f"{k} {v}" for k, v in st["io"].items()),
         "  errors:      " + ", ".join(f"{k} {v}" for k, v in st["errors"].items()),
     ]
+    r = st.get("restore")
+    if r:
+        lines.insert(6, f"  restore:     {r.get('mode') or 'n/a'} — {r.get('reason')}")
+        if r.get("state") == "locked":
+            lines.insert(7, f"  locked:      {r.get('locked_reason')}; run 'klcrypt unlock "
+                            f"{st['name']}'")
+        if r.get("mode"):
+            surv = ("survive" if r.get("survives_s3") and r.get("survives_s4") else
+                    "die on S4" if r.get("survives_s3") else "die")
+            watch = "logind" if (r.get("sleep_watch") or {}).get("logind") else "clock jump"
+            lines.insert(7, f"  after sleep: handles {surv}; verified after every resume "
+                            f"(sleep watch: {watch})")
+            if r.get("verifiable") is False:
+                lines.insert(8, "  verifiable:  no — the mode cannot be checked from inside")
     return "\n".join(lines)

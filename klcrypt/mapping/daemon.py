@@ -68,6 +68,7 @@ class Daemon:
         self._key = key
         self.prov = None            # klcrypt.keylocker.Provisioned
         self.xts = None
+        self.guard = None           # klcrypt.restore.guard.Guard: restore mode, sleep, lock
         self.plane: Plane | None = None
         self.backing_fd = -1
         self.fuse_fd = -1
@@ -146,13 +147,16 @@ class Daemon:
                 f"device {dev} is {have} bytes, smaller than the volume ({end} bytes)")
 
         # 3. the key: handles or a raw-key context; the raw volume key is wiped now
+        # (under the restore mode: the IWKEY is loaded as the mode says first)
+        from ..restore.guard import Guard
+        self.guard = Guard(cfg)
         try:
-            self.prov = provision(self._key, cfg.get("keylocker", "auto"),
-                                  cfg.get("engine", "auto"))
+            self.prov = self.guard.provision(self._key)
             self.xts = self.prov.xts
         finally:
             self._wipe_key()
         self._undo.callback(self._close_xts)
+        self._undo.callback(self.guard.close)
 
         # 4. the file and its FUSE mount
         fd = os.open(paths.file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -179,7 +183,8 @@ class Daemon:
             read_only=ro, threads=int(cfg.get("threads") or PLANE_DEFAULT_THREADS),
             direct_io=bool(cfg.get("direct_io", True)), uid=os.getuid(), gid=os.getgid(),
             mode=0o600, engine_threads=int(cfg.get("engine_threads", 0)),
-            lock_timeout_ms=int(cfg.get("lock_timeout_ms", 30000)))
+            lock_timeout_ms=int(cfg.get("lock_timeout_ms", 30000)),
+            lock_on_key_failure=True)     # a dead handle parks the request, never EIO/garbage
         self.plane.init()
         self.plane.start()
         self._tune_readahead(int(cfg.get("read_ahead_kb") or READ_AHEAD_KB))
@@ -195,6 +200,8 @@ class Daemon:
             # detach now = auto-clear: the kernel frees the loop device when the
             # filesystem lets go of it, so a plain `umount DIR` leaves no loop behind
             system.loop_detach(self.loop)
+
+        self.guard.attach(self.plane, self.backing_fd, str(paths.file), self.mount_dir)
 
         # 7. state file and control socket
         self._write_state()
@@ -302,7 +309,9 @@ class Daemon:
             "keylocker": kl,
             "keylocker_info": {k: info.get(k) for k in ("protects_key", "notice", "provenance",
                                                        "restrictions", "emulated")},
-            "state": "locked" if st.get("locked") else ("closing" if self.closing else "active"),
+            "state": ("locked" if st.get("locked") or (self.guard and self.guard.state == "locked")
+                      else ("closing" if self.closing else "active")),
+            "restore": self.guard.status() if self.guard else None,
             "read_only": bool(cfg.get("read_only")),
             "loop": self.loop,
             "mount": self.mount_dir,
@@ -397,6 +406,7 @@ class Daemon:
             n.start_soon(self._watch)
             if self.mount_dir:
                 n.start_soon(self._watch_inner_mount)
+            await n.start(self.guard.run)
             n.start_soon(trio.serve_listeners, self._serve_conn, [listener])
             task_status.started()
             await self.done.wait()
@@ -444,27 +454,38 @@ class Daemon:
                 _pid, uid, _gid = struct.unpack("3i", creds)
             except OSError:
                 return
-            buf = b""
-            while b"\n" not in buf:
-                data = await stream.receive_some(65536)
+            # byte by byte up to the newline: a secret may follow it (unlock) and
+            # must land only in a bytearray that is wiped, never in a bytes copy
+            buf = bytearray()
+            while not buf.endswith(b"\n"):
+                data = await stream.receive_some(1)
                 if not data:
                     return
                 buf += data
                 if len(buf) > protocol.MAX_LINE:
                     return
-            line = buf.split(b"\n", 1)[0]
-            if uid != 0 and uid != os.getuid():
-                resp = protocol.error_response(errors.PermissionDenied("control socket: root only"))
-            else:
-                resp = await self._dispatch(line)
+            line = bytes(buf[:-1])
+            secret = None
+            try:
+                if uid != 0 and uid != os.getuid():
+                    resp = protocol.error_response(
+                        errors.PermissionDenied("control socket: root only"))
+                else:
+                    secret = await protocol.receive_secret(stream, line)
+                    resp = await self._dispatch(line, secret)
+            finally:
+                if secret is not None:
+                    secret[:] = bytes(len(secret))
             try:
                 await stream.send_all(protocol.encode(resp))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
-    async def _dispatch(self, line: bytes) -> dict:
+    async def _dispatch(self, line: bytes, secret: bytearray | None = None) -> dict:
         try:
             req = protocol.decode(line)
+            if secret is not None:
+                req["_secret"] = secret
             cmd = req.get("cmd")
             handler = self.COMMANDS.get(cmd)
             if handler is None:
@@ -483,8 +504,20 @@ class Daemon:
     async def _cmd_close(self, req) -> dict:
         return await self.close(bool(req.get("force")))
 
-    # The command table; issue 6 adds lock / unlock / simulate-sleep here.
-    COMMANDS = {"status": _cmd_status, "close": _cmd_close}
+    async def _cmd_lock(self, req) -> dict:
+        return await self.guard.lock()
+
+    async def _cmd_unlock(self, req) -> dict:
+        key = req.get("_secret")
+        if key is None:
+            raise errors.UsageError("unlock: no key was sent")
+        return await self.guard.unlock(key)
+
+    async def _cmd_simulate_sleep(self, req) -> dict:
+        return await self.guard.simulate_sleep(str(req.get("state", "")))
+
+    COMMANDS = {"status": _cmd_status, "close": _cmd_close, "lock": _cmd_lock,
+                "unlock": _cmd_unlock, "simulate-sleep": _cmd_simulate_sleep}
 
     # ---- teardown -------------------------------------------------------------
     def finish(self) -> None:
@@ -496,6 +529,8 @@ class Daemon:
                 self.plane.free()
                 self.plane = None
         self._close_xts()
+        if self.guard is not None:
+            self.guard.close()
         self._close_fuse_fd()
         if self.backing_fd >= 0:
             with contextlib.suppress(OSError):

@@ -46,12 +46,46 @@ def raise_for(resp: dict) -> dict:
               ExitCode(code) if code in set(int(c) for c in ExitCode) else None)
 
 
-def request(sock_path, req: dict, timeout: float = TIMEOUT) -> dict:
-    """Send one request and return the (checked) response; OSError if nobody listens."""
+MAX_SECRET = 4096
+
+
+async def receive_secret(stream, line: bytes):
+    """Daemon side: the raw secret announced by the request's "secret_len", read
+    straight into a new bytearray (the caller wipes it); None when there is none."""
+    try:
+        n = json.loads(line).get("secret_len")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(n, int) or not 0 < n <= MAX_SECRET:
+        return None
+    secret = bytearray(n)
+    view = memoryview(secret)
+    got = 0
+    try:
+        while got < n:
+            k = await stream.socket.recv_into(view[got:])
+            if not k:
+                raise errors.UsageError("control: the secret was cut short")
+            got += k
+    except BaseException:
+        secret[:] = bytes(n)
+        raise
+    finally:
+        view.release()
+    return secret
+
+
+def request(sock_path, req: dict, timeout: float = TIMEOUT, secret=None) -> dict:
+    """Send one request and return the (checked) response; OSError if nobody listens.
+    A secret (bytearray) is sent raw after the JSON line, announced by "secret_len"."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
         s.connect(str(sock_path))
+        if secret is not None:
+            req = dict(req, secret_len=len(secret))
         s.sendall(encode(req))
+        if secret is not None:
+            s.sendall(secret)
         buf = b""
         while b"\n" not in buf:
             data = s.recv(65536)

@@ -99,7 +99,8 @@ class Guard:
     # ---- setup (before the trio loop) ----------------------------------------
     def provision(self, key: bytearray):
         """Choose the platform and the mode, load the IWKEY as the mode says, make
-        the handles (consumes key).  Returns (xts, info) for the daemon."""
+        the handles (consumes key).  Returns klcrypt.keylocker's Provisioned object
+        (kept here too: unlock re-wraps through it)."""
         from .. import keylocker as kl
         try:
             platform, _notice = kl.resolve(self.cfg.get("keylocker", "auto"))
@@ -128,7 +129,7 @@ class Guard:
         finally:
             key[:] = bytes(len(key))
         self._kat = self._make_kat(self.prov.xts)
-        return self.prov.xts, info
+        return self.prov
 
     @staticmethod
     def _make_kat(xts):
@@ -352,5 +353,10 @@ class Guard:
         return {"resume": ev, "restore": self.status()}
 
     def close(self) -> None:
+        """After the plane's threads ended: wipe the handles and any kept IWKEY copy."""
+        if self.prov is not None:
+            self.prov.close()
+            self.prov = None
         if self.platform is not None:
             self.platform.close()
+            self.platform = None

@@ -60,12 +60,18 @@ def _open_mapping(args, vol) -> int:
     token = vol.token("klcrypt") or {}
     opts = options_from_args(args, default_engine=token.get("engine") if isinstance(token, dict)
                              else None)
+    if isinstance(token, dict) and token.get("restore_mode"):
+        opts.restore_mode_token = token["restore_mode"]
     target = mapping_api.Target.from_volume(vol)
     # name, device and --mount are checked before the passphrase prompt
     mapping_api.precheck(target, opts)
     key = unlock_from_args(args, vol)
     try:
-        mapping_api.open_mapping(target, key, opts)
+        st = mapping_api.open_mapping(target, key, opts)
     finally:
         wipe(key)
+    restore = (st or {}).get("restore") or {}
+    if restore.get("mode"):
+        print(f"klcrypt: {opts.name}: restore mode {restore['mode']}: {restore.get('reason')}",
+              file=sys.stderr)
     return 0
