@@ -120,7 +120,13 @@ def run_target(ctx, size, runtime):
     with ctx as (path, label, _pid):
         layout(path, size)
         for wname, w in WORKLOADS:
-            res[wname] = fio(path, size, runtime, **w)
+            try:
+                res[wname] = fio(path, size, runtime, **w)
+            except subprocess.CalledProcessError as e:
+                err = (e.stderr or e.stdout or "").strip().splitlines()
+                print(f"  {label} {wname}: fio failed: {err[-1] if err else e}",
+                      file=sys.stderr)
+                res[wname] = {"MBps": 0.0, "iops": 0.0, "failed": True}
     return label, res
 
 
@@ -162,6 +168,7 @@ def main():
                 subprocess.run(["umount", base])
             shutil.rmtree(base, ignore_errors=True)
         print_table(backing, rows)
+        sys.stdout.flush()
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -175,6 +182,9 @@ def print_table(backing, rows):
         cells = []
         for w, _ in WORKLOADS:
             v = r[w]
+            if v.get("failed"):
+                cells.append("failed")
+                continue
             cells.append(f"{v['MBps']:>11.0f} MB/s" if w.startswith("seq")
                          else f"{v['iops'] / 1000:>10.1f}k IOPS")
         print(f"{label:<20}" + "".join(f"{c:>16}" for c in cells))

@@ -33,7 +33,7 @@ def run(cmd, **kw):
     ("randwrite", "4k", 1),      # random, O_DIRECT
     ("randwrite", "12k", 0),     # random, not sector-aligned sizes in the page cache
 ])
-def test_fio_verify(vol, name, rw, bs, direct):
+def test_fio_verify(vol, name, rw, bs, direct, tmp_path):
     with maputil.mapping(vol, name):
         path = str(system.Paths(name).file)
         half = vol["data_size"] // 2
@@ -41,7 +41,8 @@ def test_fio_verify(vol, name, rw, bs, direct):
                  f"--direct={direct}", "--ioengine=libaio", "--iodepth=16", "--numjobs=2",
                  f"--size={half}", f"--offset_increment={half}", "--verify=crc32c",
                  "--verify_fatal=1", "--do_verify=1", "--randrepeat=0", "--group_reporting",
-                 "--output-format=json"], timeout=300)
+                 "--verify_state_save=0", "--output-format=json"], timeout=300,
+                cwd=str(tmp_path))
         assert r.returncode == 0, r.stderr + r.stdout[-2000:]
         res = json.loads(r.stdout[r.stdout.index("{"):])
         job = res["jobs"][0]
