@@ -206,6 +206,15 @@ def test_simulate_sleep_needs_emulated_platform(vol, name):
     assert r.returncode == ExitCode.USAGE and "emulated" in r.stderr
     st = api.status(name)
     assert st["restore"]["mode"] is None and "not applicable" in st["restore"]["reason"]
+    # lock / unlock work without Key Locker too: the raw key is dropped and re-derived
+    with open(str(system.Paths(name).file), "r+b") as f:
+        f.write(b"r" * 4096)
+    assert cli("lock", name).returncode == 0
+    assert api.status(name)["restore"]["handles"] == "dropped"
+    r = cli("unlock", name, "--key-file", vol["passfile"])
+    assert r.returncode == 0, r.stderr
+    with open(str(system.Paths(name).file), "rb") as f:
+        assert f.read(4096) == b"r" * 4096
 
 
 def test_restore_mode_needs_keylocker(vol, name):

@@ -181,3 +181,57 @@ def test_paravirt_random_reported_unverifiable(emu):
     emu.apply()
     d = emu.describe()
     assert "cannot verify" in d["verifiable"] and "simulated" in d["host"]
+
+
+class _FakeProv:
+    """What keylocker.provision returns on hardware, without hardware."""
+
+    def __init__(self, dest, hypervisor=False):
+        from klcrypt.xts import XTS
+        self.xts = XTS(bytearray(range(64)), engine="openssl")
+        self.info = {"platform": "hardware", "engine": "kl",
+                     "provenance": {"dest": dest, "nobackup": bool(dest & 1),
+                                    "keysource": dest >> 1},
+                     "cpu": {"backup": True, "nobackup_supported": True,
+                             "keysource_random_supported": True, "hypervisor": hypervisor}}
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+        self.xts.close()
+
+
+@pytest.mark.parametrize("requested, dest, ok", [
+    ("auto", KS1, "native_random_key"),
+    ("native_random_key", KS0, None),
+    ("native_kernel_key_norestore", KS0 | NB, "native_kernel_key_norestore"),
+])
+def test_guard_on_hardware_checks_the_kernel(monkeypatch, requested, dest, ok):
+    """The Guard's hardware path: provision, then compare the mode with the
+    provenance; a mismatch is refused and the handles are wiped."""
+    import klcrypt.keylocker as kl
+    from klcrypt.restore.guard import Guard
+    made = []
+    monkeypatch.setattr(kl, "resolve", lambda k: ("hardware", "notice"))
+
+    def fake_provision(key, keylocker, engine):
+        assert keylocker == "hardware"
+        key[:] = bytes(len(key))
+        made.append(_FakeProv(dest))
+        return made[-1]
+    monkeypatch.setattr(kl, "provision", fake_provision)
+    g = Guard({"keylocker": "auto", "restore_mode": requested})
+    key = bytearray(range(64))
+    if ok is None:
+        with pytest.raises(errors.KeyLockerError, match="does not match the kernel"):
+            g.provision(key)
+        assert made[0].closed
+    else:
+        g.provision(key)
+        st = g.status()
+        assert st["mode"] == ok and st["platform"]["platform"] == "hardware"
+        assert "inside the CPU" in st["platform"]["protects"]
+        with pytest.raises(errors.UsageError, match="emulated"):
+            g.platform.simulate("s3")
+        g.close()
+    assert key == bytearray(64)

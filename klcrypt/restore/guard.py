@@ -95,6 +95,7 @@ class Guard:
         self.last = None             # the last resume record
         self._kat = None             # (plaintext, tweak, ciphertext): proves a re-derived key
         self._mu = None              # trio.Lock, made in run()
+        self.clock = None            # a ClockJump to use (tests inject a fake clock)
 
     # ---- setup (before the trio loop) ----------------------------------------
     def provision(self, key: bytearray):
@@ -166,7 +167,7 @@ class Guard:
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._mu = trio.Lock()
         self.logind = LogindWatch(self.before_sleep, self.after_resume)
-        self._clock = ClockJump()
+        self._clock = self.clock or ClockJump()
         self._logind_resumed_at = -1e9
         async with trio.open_nursery() as n:
             await n.start(self.logind.run)
