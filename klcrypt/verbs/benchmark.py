@@ -11,10 +11,10 @@ from ..xts import RAW_KEY_ENGINES, available_engines
 def add_arguments(p):
     p.add_argument("--json", action="store_true",
                    help="machine-readable output (fields documented in klcrypt/bench.py)")
-    p.add_argument("--seconds", type=float, default=0.25,
-                   help="measuring time per figure, split over the repeats (default 0.25)")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="each figure is the best of this many runs (default 5)")
+    p.add_argument("--seconds", type=float, default=0.12,
+                   help="measuring time per figure, split over the repeats (default 0.12)")
+    p.add_argument("--repeats", type=int, default=40,
+                   help="each figure is the best of this many short runs (default 40)")
     p.add_argument("--engine", action="append", choices=RAW_KEY_ENGINES,
                    help="only this engine (repeatable; openssl is always measured as reference)")
 
