@@ -154,29 +154,35 @@ static inline void cpu_relax(void) { __builtin_ia32_pause(); }
 static void *worker(void *arg)
 {
     (void)arg;
+    int spun = 0;
     pthread_mutex_lock(&P.mu);
     for (;;) {
         struct job *j = P.head;
         while (j && j->helpers >= j->max_helpers)
             j = j->link;
-        if (!j) {
+        if (!j && !spun) {
             /* Spin a little before sleeping: the next request usually comes
              * within microseconds, and waking a sleeping thread costs far
-             * more than that on a VM (futex wake + IPI + vCPU scheduling). */
+             * more than that on a VM (futex wake + IPI + vCPU scheduling).
+             * A queued job that wants no more helpers ends the spin too. */
             pthread_mutex_unlock(&P.mu);
             uint64_t t0 = now_ns();
             while (!__atomic_load_n(&P.queued, __ATOMIC_RELAXED) && now_ns() - t0 < SPIN_NS)
                 cpu_relax();
             pthread_mutex_lock(&P.mu);
-            if (P.head)
-                continue;
+            spun = 1;
+            continue;
+        }
+        if (!j) {
             P.sleeping++;
             pthread_cond_wait(&P.work, &P.mu);
             P.sleeping--;
+            spun = 0;
             continue;
         }
         j->helpers++;
         work_on(j);
+        spun = 0;
     }
     return NULL;
 }
