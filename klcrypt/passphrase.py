@@ -42,6 +42,14 @@ def read_from_args(args, prompt: str, verify: bool = False) -> bytearray:
                            keyfile_offset=args.keyfile_offset, prompt=prompt, verify=verify)
 
 
+def stdin_is_tty() -> bool:
+    """True when stdin is a terminal (False for pipes, /dev/null, closed or fake stdin)."""
+    try:
+        return sys.stdin is not None and os.isatty(sys.stdin.fileno())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
 def _take(buf: bytearray, n: int) -> bytearray:
     """The first n bytes of buf in a new bytearray; buf is wiped (no unwiped slice copy)."""
     out = bytearray(n)
@@ -180,7 +188,7 @@ def read_passphrase(key_file=None, keyfile_size=None, keyfile_offset=None,
         return _read_keyfile(key_file, keyfile_size, keyfile_offset)
     if keyfile_size is not None or keyfile_offset is not None:
         raise UsageError("--keyfile-size/--keyfile-offset need --key-file")
-    if sys.stdin is not None and os.isatty(sys.stdin.fileno()):
+    if stdin_is_tty():
         fd = sys.stdin.fileno()
         pw = _read_tty_line(fd, prompt)
         if verify:

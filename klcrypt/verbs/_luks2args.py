@@ -5,6 +5,7 @@ import sys
 
 from ..errors import UsageError
 from ..luks2 import PbkdfOptions
+from ..passphrase import stdin_is_tty
 
 _SIZE = re.compile(r"(\d+)([KMGTkmgt]?)(i?[Bb]?)\Z")
 
@@ -44,7 +45,7 @@ def confirm(question: str, batch: bool) -> None:
     """Ask for 'YES' on the terminal unless batch; without a terminal, refuse."""
     if batch:
         return
-    if sys.stdin is None or not os.isatty(sys.stdin.fileno()):
+    if not stdin_is_tty():
         raise UsageError(f"{question} -- no terminal to confirm; use --batch-mode")
     sys.stderr.write(f"WARNING!\n========\n{question}\n\nAre you sure? "
                      "(Type 'yes' in capital letters): ")
