@@ -15,10 +15,7 @@
  * threads) and are recreated lazily in a forked child (pthread_atfork), where
  * the parent's workers do not exist.
  *
- * Split threshold (klc_pool_split_min): measured on the 2-core KVM guest (AMD
- * EPYC Zen 4) with scripts/bench_split.py — the smallest call for which 2
- * threads beat the caller alone, AES-256-XTS, 4 KiB sectors, best of 7:
- *   see SPLIT_MIN_DEFAULT below for the numbers and the choice.
+ * Split threshold (klc_pool_split_min, default 64 KiB): see SPLIT_MIN_DEFAULT.
  */
 #include <pthread.h>
 #include <sched.h>
@@ -30,9 +27,22 @@
 
 #define POOL_MAX 64
 
-/* vaes engine, AES-256-XTS, 4 KiB sectors, in place, 2 threads vs 1, time per
- * call in µs, best of many (scripts/bench_split.py, 2-core Zen 4 KVM guest,
- * machine shared): see the table in docs at klc_pool_split_min's comment. */
+/* Calls below this many bytes are not split.  Measured on the 2-core Zen 4 KVM
+ * guest (vaes, AES-256-XTS, 4 KiB sectors, in place; split = 2 threads, threshold
+ * forced to 0; best of 40-100 short runs; scripts/bench_split.py and a C loop):
+ *
+ *   call size          8K    16K    32K    64K   128K   256K     1M
+ *   1 thread (us)     0.7    1.3    2.4    4.8    9.5   19.7     79
+ *   split, other core free (best windows, 16:49 and 18:03):
+ *                       -      -  ~1.0x   1.39x  1.41x  1.82x  1.96x
+ *   split, other core busy (load 7 on 2 CPUs, 18:02):
+ *                   0.90x  0.51x  0.63x  0.92x  1.00x  0.99x  1.73x
+ *
+ * A split costs ~1 us (claiming parts, the helper's wake-up from its spin, the
+ * caller waiting for the last part), so it cannot pay below ~2 x 1 us of work
+ * (~32 KiB at 13 GiB/s); from 64 KiB it gains ~1.4x when a core is free and
+ * loses <10% when none is.  Callers that already keep every core busy (many
+ * FUSE threads) can pass max_threads = 1. */
 #define SPLIT_MIN_DEFAULT ((size_t)64 << 10)
 /* How long an idle worker (or a caller waiting for its helpers) polls before
  * blocking. */
