@@ -19,7 +19,7 @@ def run(args) -> int:
         print(json.dumps(r, indent=2, sort_keys=True))
         return 0
     print(f"{args.name}: {args.state} with restore mode {r['restore'].get('mode')}: "
-          f"IWKEY {ev.get('iwkey', '?')}; handles {ev.get('handles')}; mapping {ev.get('state')}")
+          f"{ev.get('iwkey', '?')}; handles {ev.get('handles')}; mapping {ev.get('state')}")
     if ev.get("state") == "locked":
         print(f"run 'klcrypt unlock {args.name}' to let the waiting I/O complete")
     return 0
