@@ -181,6 +181,7 @@ def test_paravirt_random_reported_unverifiable(emu):
     emu.apply()
     d = emu.describe()
     assert "cannot verify" in d["verifiable"] and "simulated" in d["host"]
+    assert "UNVERIFIABLE" in emu.reason
 
 
 class _FakeProv:

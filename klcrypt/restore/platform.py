@@ -243,6 +243,9 @@ class EmulatedPlatform:
         want = requested if requested and requested != M.AUTO else token_default
         guest = bool(want and want != M.AUTO and M.get(want).paravirt)
         self.mode, self.reason = M.resolve(requested, self.caps(guest=guest), token_default)
+        if self.mode.name == "paravirt_random":
+            self.reason += ("; UNVERIFIABLE from inside a guest: the (simulated) host says it "
+                            "loaded a CPU-random IWKEY and the guest cannot check")
         return self.mode
 
     def apply(self) -> None:
