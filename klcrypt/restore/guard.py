@@ -256,8 +256,6 @@ class Guard:
         if source == "logind":
             self._logind_resumed_at = time.monotonic()
         real_sleep = source in ("simulate", "logind", "clock")
-        if real_sleep:
-            self.counts["resumes"] += 1
         ctx = None
         if isinstance(self.platform, EmulatedPlatform) and real_sleep:
             # The emulated CPU sleeps too.  Tasks are frozen across a real suspend:
@@ -297,7 +295,9 @@ class Guard:
         finally:
             self.frozen = False
         ev["state"] = self.state
-        self.last = ev
+        self.last = ev                 # record first, then count: a poller that sees the
+        if real_sleep:                 # count also sees the record
+            self.counts["resumes"] += 1
         return ev
 
     # ---- commands --------------------------------------------------------------------
