@@ -225,3 +225,32 @@ def test_emulated_keylocker_mapping(vol, name):
         with open(system.Paths(name).file, "rb") as f:
             f.seek(5000)
             assert f.read(len(data)) == data
+
+
+def test_block_device_backing(vol, name, klcrypt_cli):
+    """A loop device stands in for a disk: open it, write, close, and a second
+    open of the same disk is refused while it is mapped."""
+    dev = run(["losetup", "--find", "--show", vol["path"]]).stdout.strip()
+    assert dev.startswith("/dev/loop")
+    try:
+        r = klcrypt_cli("open", dev, name, "--key-file", vol["passfile"])
+        assert r.returncode == 0, r.stderr
+        try:
+            st = api.status(name)
+            assert st["device"] == dev and st["size"] == vol["data_size"]
+            data = os.urandom(1 << 20)
+            with open(system.Paths(name).file, "r+b") as f:
+                f.seek(3 << 20)
+                f.write(data)
+            r2 = klcrypt_cli("open", dev, name + "x", "--key-file", vol["passfile"])
+            assert r2.returncode == ExitCode.BUSY, r2.stderr
+        finally:
+            assert klcrypt_cli("close", name).returncode == 0
+    finally:
+        run(["losetup", "--detach", dev])
+    with open(vol["path"], "rb") as f:
+        f.seek(vol["data_offset"] + (3 << 20))
+        ct = f.read(1 << 20)
+    from test_mapping import oracle_crypt
+    assert oracle_crypt(vol["key"], ct, vol["sector_size"], (3 << 20) // vol["sector_size"],
+                        encrypt=False) == data
