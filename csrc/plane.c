@@ -398,9 +398,30 @@ static int write_sectors(struct worker *w, uint64_t off, uint64_t len, const uin
                 rc = klc_xts_crypt(c, 0, buf + nbytes - ss, buf + nbytes - ss, ss, (uint32_t)ss,
                                    tweak + (nbytes / ss - 1) * (ss / 512), 1);
             if (rc == KLC_OK) {
-                memcpy(buf + head, src, (size_t)len);
-                rc = klc_xts_crypt(c, 1, buf, buf, nbytes, (uint32_t)ss, tweak,
-                                   p->cfg.engine_threads);
+                /* Merge only the partial sectors; the whole sectors between them are
+                 * encrypted straight from the request (no copy of the payload).  A
+                 * 1 MiB write from a buffer that is not page aligned arrives as two
+                 * requests with a partial sector each, so this path is common. */
+                if (s0 == s1) {
+                    memcpy(buf + head, src, (size_t)len);
+                    rc = klc_xts_crypt(c, 1, buf, buf, ss, (uint32_t)ss, tweak, 1);
+                } else {
+                    size_t mid0 = partial_head ? ss : 0;               /* buffer offsets */
+                    size_t mid1 = partial_tail ? nbytes - ss : nbytes;
+                    if (partial_head)
+                        memcpy(buf + head, src, ss - head);
+                    if (partial_tail)
+                        memcpy(buf + mid1, src + (mid1 - head), tail_end - mid1);
+                    if (partial_head)
+                        rc = klc_xts_crypt(c, 1, buf, buf, ss, (uint32_t)ss, tweak, 1);
+                    if (rc == KLC_OK && mid1 > mid0)
+                        rc = klc_xts_crypt(c, 1, buf + mid0, src + (mid0 - head), mid1 - mid0,
+                                           (uint32_t)ss, tweak + mid0 / ss * (ss / 512),
+                                           p->cfg.engine_threads);
+                    if (rc == KLC_OK && partial_tail)
+                        rc = klc_xts_crypt(c, 1, buf + mid1, buf + mid1, ss, (uint32_t)ss,
+                                           tweak + mid1 / ss * (ss / 512), 1);
+                }
             }
         } else {
             /* Whole sectors: encrypt straight from the request into the buffer. */
