@@ -95,3 +95,27 @@ def test_logind_prepare_for_sleep_with_delay_inhibitor(tmp_path):
         assert events[2] == ("after", "logind")
         assert result["held_asleep"] == 0
         assert result["retaken"]
+
+
+def test_logind_reconnects_after_the_bus_restarts(tmp_path):
+    """The bus goes away and comes back: the watch connects again and re-takes its
+    delay inhibitor (logind or dbus restarted)."""
+    w = sleepwatch.LogindWatch(None, None, address=None)
+    seen = {}
+
+    async def main():
+        async with trio.open_nursery() as n:
+            with login1_bus(tmp_path / "a") as bus:
+                w.address = bus.address
+                assert await n.start(w.run_forever, 0.1) is True
+                assert await trio.to_thread.run_sync(bus.wait_inhibitors, 1)
+            # the bus is gone: the watch ends and retries
+            with trio.fail_after(10):
+                while w.connected:
+                    await trio.sleep(0.02)
+            with login1_bus(tmp_path / "a") as bus2:
+                seen["again"] = await trio.to_thread.run_sync(bus2.wait_inhibitors, 1, 10.0)
+            n.cancel_scope.cancel()
+    (tmp_path / "a").mkdir()
+    trio.run(main)
+    assert seen["again"] and w.retries >= 1

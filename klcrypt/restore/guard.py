@@ -170,7 +170,7 @@ class Guard:
         self._clock = self.clock or ClockJump()
         self._logind_resumed_at = -1e9
         async with trio.open_nursery() as n:
-            await n.start(self.logind.run)
+            await n.start(self.logind.run_forever)
             n.start_soon(watch_clock, self._on_clock_jump, self._clock)
             n.start_soon(self._watch_plane)
             task_status.started()

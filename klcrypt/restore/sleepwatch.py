@@ -28,6 +28,7 @@ LOGIN1_MANAGER = "org.freedesktop.login1.Manager"
 ENV_TEST_BUS = "KLCRYPT_TEST_DBUS_ADDRESS"
 CLOCK_JUMP_THRESHOLD = 2.0      # s of CLOCK_BOOTTIME beyond CLOCK_MONOTONIC = a sleep
 CLOCK_POLL = 1.0                # s between checks
+LOGIND_RETRY = 30.0             # s before connecting to logind again after losing it
 
 
 def bus_address() -> str:
@@ -81,11 +82,12 @@ class LogindWatch:
         self.error: str | None = None
         self.sleeping = False                 # between PrepareForSleep(true) and (false)
         self.signals = 0
+        self.retries = 0
 
     def state(self) -> dict:
         return {"logind": self.connected, "inhibitor": self.inhibitor_fd >= 0,
                 "bus": "test bus" if self.address != "SYSTEM" else "system",
-                "error": self.error, "signals": self.signals}
+                "error": self.error, "signals": self.signals, "retries": self.retries}
 
     async def _inhibit(self, router) -> None:
         from jeepney import DBusAddress, new_method_call
@@ -102,6 +104,20 @@ class LogindWatch:
             os.close(self.inhibitor_fd)
             self.inhibitor_fd = -1
 
+    async def run_forever(self, retry: float = LOGIND_RETRY,
+                          task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """run(), and again every `retry` seconds whenever it ends (no bus yet, logind
+        or the bus restarted).  Started with the first attempt's result."""
+        first = True
+        while True:
+            async with trio.open_nursery() as n:
+                ok = await n.start(self.run)
+                if first:
+                    task_status.started(ok)
+                    first = False
+            self.retries += 1
+            await trio.sleep(retry)
+
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Watch until cancelled; returns early (started with False) without logind."""
         from jeepney.io.trio import open_dbus_router
@@ -115,11 +131,14 @@ class LogindWatch:
         try:
             async with open_dbus_router(bus=self.address, enable_fds=True) as router:
                 await self._serve(router, ready)
-        except Exception as e:      # no bus, no socket, auth refused, no logind
-            if started and self.connected:
-                raise
-            self.error = self.error or f"no D-Bus ({e.__class__.__name__}: {e})"
-            log.info("sleep watch: %s; falling back to the clock-jump check", self.error)
+        except Exception as e:      # no bus, no socket, auth refused, no logind, bus gone
+            if self.connected:
+                self.error = f"lost the D-Bus connection ({e.__class__.__name__})"
+                log.warning("sleep watch: %s; clock-jump check until it is back",
+                            self.error, exc_info=True)
+            else:
+                self.error = self.error or f"no D-Bus ({e.__class__.__name__}: {e})"
+                log.info("sleep watch: %s; falling back to the clock-jump check", self.error)
             if not started:
                 ready(False)
         finally:
