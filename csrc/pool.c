@@ -33,8 +33,9 @@
  *
  *   call size          8K    16K    32K    64K   128K   256K     1M
  *   1 thread (us)     0.7    1.3    2.4    4.8    9.5   19.7     79
- *   split, other core free (best windows, 16:49 and 18:03):
- *                       -      -  ~1.0x   1.39x  1.41x  1.82x  1.96x
+ *   split, other core free (best windows, 16:49 and 18:03; "-" = no free
+ *   window caught for that size):
+ *                       -      -      -   1.39x  1.41x  1.82x  1.96x
  *   split, other core busy (load 7 on 2 CPUs, 18:02):
  *                   0.90x  0.51x  0.63x  0.92x  1.00x  0.99x  1.73x
  *
