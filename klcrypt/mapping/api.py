@@ -85,7 +85,8 @@ def precheck(target: Target, opts: MapOptions) -> None:
             raise errors.BusyError(f"mapping '{opts.name}' is already open")
     if opts.mount_dir and not os.path.isdir(opts.mount_dir):
         raise errors.UsageError(f"--mount {opts.mount_dir}: not a directory")
-    if opts.mount_dir and system.find_mount(os.path.abspath(opts.mount_dir)):
+    top = system.find_mount(os.path.abspath(opts.mount_dir)) if opts.mount_dir else None
+    if top is not None and top.fstype != "autofs":   # autofs (systemd .automount): mount over it
         raise errors.BusyError(f"--mount {opts.mount_dir}: something is already mounted there")
     for st in _states():
         if os.path.realpath(st.get("device", "")) == os.path.realpath(target.device):
