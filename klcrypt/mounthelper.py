@@ -37,6 +37,7 @@ KLCRYPT_OPTIONS = {
     "engine": "--engine",
     "keylocker": "--keylocker",
     "restore-mode": "--restore-mode",
+    "lock-timeout": "--lock-timeout",
     "threads": "--threads",
 }
 # Options that only mean something to mount(8), fstab or systemd: never passed to
@@ -160,6 +161,7 @@ def parse_argv(argv: list[str]) -> Request:
 def usage() -> str:
     return (f"usage: {PROG} DEVICE DIR [-sfnv] [-o OPTIONS] [-t klcrypt[.FSTYPE]]\n"
             "options: keyfile=F, fstype=T, name=N, engine=E, keylocker=K, restore-mode=M, "
+            "lock-timeout=S, "
             "keyfile-size=B, keyfile-offset=B, key-slot=S, threads=N, ro, nofail; "
             "anything else goes to the inner filesystem")
 

@@ -2,16 +2,19 @@
 """klcrypt's one benchmark entry point: cipher rows and the full stack, in one run.
 
 1. Cipher: `klcrypt benchmark --json` (AES-XTS per engine in memory, Key Locker rows).
-2. Full stack: fio on the plaintext of a mapped volume (FUSE file -> C data plane ->
-   engine -> backing image) for each raw-key engine and for Key Locker (emulated
-   here unless the CPU has it), against the unencrypted backing file and against
-   gocryptfs where it is installed.  Every stack runs the same fio jobs on a
-   backing image in /dev/shm, so the figures compare the software, not a disk.
+2. Full stack: the fio workloads of scripts/bench_mapping.py (the mapping's own
+   benchmark: seq 1 MiB QD8 buffered, rand 4 KiB QD16 O_DIRECT, with its fio
+   runner and its gocryptfs/securefs set-ups) on the plaintext of a mapped
+   volume, for each raw-key engine and for Key Locker (emulated here unless the
+   CPU has it), against the unencrypted backing file and the peers installed.
+   All stacks sit in one tmpfs and stay mounted together; every workload runs on
+   every stack in turn, `--repeats` rounds, best figure kept, so load from
+   elsewhere hits all stacks alike.
 3. Writes bench.json, bench.md (Markdown tables) and bench.png (throughput and
-   IOPS side by side, matplotlib from the `bench` extra, installed when missing).
+   IOPS side by side, matplotlib from the `bench` extra, installed when missing);
+   with the default --out it also refreshes the tables in README.md.
 
 Run as root (FUSE mounts):  .venv/bin/python scripts/bench.py [--quick] [--out docs/bench]
-Ratios inside one run are what to compare: the machine has other load.
 """
 import argparse
 import contextlib
@@ -20,21 +23,22 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PASS = b"bench passphrase"
 
-# fio jobs: (id, label, rw, block size, iodepth, what the figure is)
-JOBS = [
-    ("seqwrite", "seq write 1 MiB", "write", "1M", 4, "mibps"),
-    ("seqread", "seq read 1 MiB", "read", "1M", 4, "mibps"),
-    ("randwrite", "rand write 4 KiB QD16", "randwrite", "4k", 16, "iops"),
-    ("randread", "rand read 4 KiB QD16", "randread", "4k", 16, "iops"),
-]
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import bench_mapping as bm  # noqa: E402  (the mapping helper's workloads and peers)
+
+# (id, label, unit) per bench_mapping workload; seq = throughput, rand = IOPS
+JOBS = [(w, f"{'seq' if w.startswith('seq') else 'rand'} {o['rw'].replace('rand', '')} "
+            f"{o['bs'].replace('M', ' MiB').replace('k', ' KiB')} QD{o['iodepth']}",
+         "MBps" if w.startswith("seq") else "iops")
+        for w, o in bm.WORKLOADS]
 
 
 def log(msg: str) -> None:
@@ -79,146 +83,73 @@ def cipher_rows(seconds: float) -> dict:
 
 # ---- the stacks ------------------------------------------------------------------
 
-def fio(path: str, job, size_mib: int, runtime: float) -> dict:
-    jid, _label, rw, bs, depth, _unit = job
-    cmd = ["fio", "--name=" + jid, "--filename=" + path, f"--size={size_mib}M",
-           f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}", "--ioengine=libaio",
-           "--direct=1", "--output-format=json", "--randrepeat=0", "--norandommap",
-           "--group_reporting"]
-    if jid != "seqwrite":          # the first job writes the whole file once
-        cmd += ["--time_based", f"--runtime={runtime}s"]
-    r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if r.returncode != 0:
-        raise RuntimeError(f"fio {jid} on {path} failed: {r.stderr.strip()[-300:]}")
-    j = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
-    side = j["write"] if "write" in rw else j["read"]
-    return {"mibps": round(side["bw_bytes"] / 2**20, 1), "iops": round(side["iops"]),
-            "lat_us_mean": round(side["lat_ns"]["mean"] / 1000, 1)}
-
-
-class Stack:
-    """Something fio can run on: set up -> path -> tear down."""
-    label = "?"
-
-    def __enter__(self) -> str:
-        raise NotImplementedError
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
-class Raw(Stack):
+@contextlib.contextmanager
+def raw_target(base, size):
     """The backing file itself: no encryption, no FUSE (the ceiling)."""
-    label = "raw file (no encryption)"
-
-    def __init__(self, work, size_mib):
-        self.path = os.path.join(work, "raw.img")
-        self.size = size_mib
-
-    def __enter__(self):
-        with open(self.path, "wb") as f:
-            f.truncate(self.size << 20)
-        return self.path
-
-    def __exit__(self, *exc):
-        os.unlink(self.path)
+    path = os.path.join(base, "raw.img")
+    with open(path, "wb") as f:
+        f.truncate(size)
+    try:
+        yield path, "raw file (no encryption)", None
+    finally:
+        os.unlink(path)
 
 
-class Klcrypt(Stack):
-    """A klcrypt mapping: fio on /run/klcrypt/NAME (the plaintext file)."""
-
-    def __init__(self, work, size_mib, engine, keylocker, label, img):
-        self.work, self.size, self.img = work, size_mib, img
-        self.engine, self.keylocker, self.label = engine, keylocker, label
-        self.name = f"bench{os.getpid()}-{engine.replace('/', '')}-{keylocker}"
-        self.keyfile = os.path.join(work, "key")
-
-    def __enter__(self):
-        args = ["open", self.img, self.name, "--key-file", self.keyfile,
-                "--keylocker", self.keylocker, "--engine", self.engine]
-        r = klcrypt(*args, check=False)
-        if r.returncode != 0:
-            raise RuntimeError(r.stderr.strip())
-        st = json.loads(klcrypt("status", self.name, "--json").stdout)
-        self.status = st
-        return st["file"]
-
-    def __exit__(self, *exc):
-        klcrypt("close", self.name, check=False)
-
-
-class Gocryptfs(Stack):
-    label = "gocryptfs"
-
-    def __init__(self, work):
-        self.cipher = os.path.join(work, "gocryptfs.cipher")
-        self.plain = os.path.join(work, "gocryptfs.plain")
-        self.passfile = os.path.join(work, "key")
-
-    def __enter__(self):
-        os.makedirs(self.cipher, exist_ok=True)
-        os.makedirs(self.plain, exist_ok=True)
-        subprocess.run(["gocryptfs", "-init", "-q", "-passfile", self.passfile, self.cipher],
-                       check=True, capture_output=True)
-        subprocess.run(["gocryptfs", "-q", "-passfile", self.passfile, self.cipher,
-                        self.plain], check=True, capture_output=True)
-        return os.path.join(self.plain, "fio.dat")
-
-    def __exit__(self, *exc):
-        for _ in range(50):
-            if subprocess.run(["umount", self.plain], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-        shutil.rmtree(self.cipher, ignore_errors=True)
-
-
-def make_volume(work: str, size_mib: int) -> str:
-    img = os.path.join(work, "vol.img")
-    with open(img, "wb") as f:
-        f.truncate((size_mib + 16) << 20)          # + the 16 MiB LUKS2 header area
-    klcrypt("format", "-q", "--key-file", os.path.join(work, "key"), "--pbkdf", "pbkdf2",
-            "--pbkdf-force-iterations", "1000", img)
-    return img
-
-
-def stacks(work: str, size_mib: int, with_gocryptfs: bool):
+def targets(base: str, size: int, peers: list[str]):
+    """(label, context manager) of every stack to measure."""
     from klcrypt.keylocker import hardware_unavailable_reason
     from klcrypt.xts import available_engines
-    img = make_volume(work, size_mib)
-    out = [Raw(work, size_mib)]
+    out = [("raw file (no encryption)", raw_target(base, size))]
     for e in available_engines():
-        out.append(Klcrypt(work, size_mib, e, "off", f"klcrypt {e}", img))
+        out.append((f"klcrypt {e}", bm.klcrypt_target(base, size, e, True, tag=f"-{e}")))
     if hardware_unavailable_reason() is None:
-        out.append(Klcrypt(work, size_mib, "kl", "hardware", "klcrypt kl (Key Locker)", img))
+        out.append(("klcrypt kl (Key Locker)", bm.klcrypt_target(
+            base, size, "kl", True, keylocker="hardware", tag="-kl")))
     else:
-        out.append(Klcrypt(work, size_mib, "auto", "emulated",
-                           "klcrypt Key Locker (emulated)", img))
-    if with_gocryptfs and shutil.which("gocryptfs"):
-        out.append(Gocryptfs(work))
+        out.append(("klcrypt Key Locker (emulated)", bm.klcrypt_target(
+            base, size, "auto", True, keylocker="emulated", tag="-klemu")))
+    for peer in peers:
+        out.append((peer, (bm.gocryptfs_target if peer == "gocryptfs"
+                           else bm.securefs_target)(base, size)))
     return out
 
 
-def run_stacks(stack_list, size_mib: int, runtime: float) -> list[dict]:
-    rows = []
-    total = len(stack_list) * len(JOBS)
-    done = 0
-    for s in stack_list:
-        row = {"stack": s.label, "jobs": {}}
-        try:
-            with s as path:
-                if isinstance(s, Klcrypt):
-                    row["engine"] = s.status.get("engine")
-                    row["keylocker"] = s.status.get("keylocker")
-                for job in JOBS:
-                    done += 1
-                    log(f"[{done}/{total}] {s.label}: {job[1]}")
-                    row["jobs"][job[0]] = fio(path, job, size_mib, runtime)
-        except (RuntimeError, subprocess.CalledProcessError) as e:
-            msg = getattr(e, "stderr", None) or str(e)
-            log(f"{s.label}: skipped: {str(msg).strip()[-200:]}")
-            row["error"] = str(msg).strip()[-200:]
-            done = (len(rows) + 1) * len(JOBS)
-        rows.append(row)
+def run_stacks(size_mib: int, runtime: int, repeats: int, peers: list[str]) -> list[dict]:
+    size = size_mib << 20
+    n = 2 + len(peers) + 4          # files of `size` in the tmpfs, with room to spare
+    base = tempfile.mkdtemp(prefix="klcrypt-bench-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={n * (size_mib + 32)}m", "tmpfs", base],
+                   check=True)
+    rows, live = [], []
+    try:
+        with contextlib.ExitStack() as es:
+            for label, ctx in targets(base, size, peers):
+                row = {"stack": label, "jobs": {}}
+                rows.append(row)
+                try:
+                    path, engine, _pid = es.enter_context(ctx)
+                    row["engine"] = engine
+                    log(f"{label}: writing the {size_mib} MiB file once")
+                    bm.layout(path, size)
+                    live.append((label, row, path))
+                except (subprocess.CalledProcessError, OSError, Exception) as e:
+                    msg = (getattr(e, "stderr", None) or str(e)).strip()[-200:]
+                    log(f"{label}: skipped: {msg}")
+                    row["error"] = msg
+            total, done = repeats * len(JOBS) * len(live), 0
+            for rep in range(repeats):
+                for (wname, w), job in zip(bm.WORKLOADS, JOBS):
+                    for label, row, path in live:
+                        done += 1
+                        log(f"[{done}/{total}] round {rep + 1}: {label}: {job[1]}")
+                        r = bm.fio(path, size, runtime, **w)
+                        r = {"MBps": round(r["MBps"], 1), "iops": round(r["iops"])}
+                        best = row["jobs"].get(wname)
+                        if best is None or r[job[2]] > best[job[2]]:
+                            row["jobs"][wname] = r
+    finally:
+        subprocess.run(["umount", base])
+        shutil.rmtree(base, ignore_errors=True)
     return rows
 
 
@@ -228,17 +159,18 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"Machine: {m['cpu_model']}, {m['online_cpus']} CPUs, {m['memory_gib']} GiB, "
              f"Linux {m['kernel']}; {m['date_utc']} UTC; Key Locker: {m['keylocker']}.", ""]
-    lines += [f"Full stack: fio ({m.get('fio_version', 'fio')}, libaio, O_DIRECT, "
-              f"{report['method']['size_mib']} MiB file, {report['method']['runtime_s']} s "
-              "per job) on a backing image in /dev/shm.", ""]
+    lines += [f"Full stack: fio ({m.get('fio_version', 'fio')}, libaio) with the workloads of "
+              f"scripts/bench_mapping.py, {report['method']['size_mib']} MiB file, best of "
+              f"{report['method']['repeats']} runs of {report['method']['runtime_s']} s, stacks "
+              "interleaved, all backing files in one tmpfs.", ""]
     head = "| stack | " + " | ".join(
-        j[1] + (" MiB/s" if j[5] == "mibps" else " IOPS") for j in JOBS) + " |"
+        j[1] + (" MB/s" if j[2] == "MBps" else " IOPS") for j in JOBS) + " |"
     lines += [head, "|" + "---|" * (len(JOBS) + 1)]
     for r in report["stack"]:
         if "error" in r:
             cells = ["n/a"] * len(JOBS)
         else:
-            cells = [f"{r['jobs'][j[0]][j[5]]:,}" for j in JOBS]
+            cells = [f"{r['jobs'][j[0]][j[2]]:,}" for j in JOBS]
         lines.append(f"| {r['stack']} | " + " | ".join(cells) + " |")
     lines += ["", "Cipher only (`klcrypt benchmark`, AES-XTS in memory, 1 MiB calls, "
               "4 KiB sectors):", "",
@@ -271,14 +203,15 @@ def plot(report: dict, path: str) -> None:
     rows = [r for r in report["stack"] if "error" not in r]
     labels = [r["stack"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.6), gridspec_kw={"width_ratios": [4, 4, 3]})
-    groups = [(axes[0], [j for j in JOBS if j[5] == "mibps"], "MiB/s",
-               "Throughput (1 MiB, QD4)"),
-              (axes[1], [j for j in JOBS if j[5] == "iops"], "IOPS", "IOPS (4 KiB, QD16)")]
+    groups = [(axes[0], [j for j in JOBS if j[2] == "MBps"], "MB/s",
+               "Throughput (1 MiB, QD8, buffered)"),
+              (axes[1], [j for j in JOBS if j[2] == "iops"], "IOPS",
+               "IOPS (4 KiB, QD16, O_DIRECT)")]
     colors = ["#4477aa", "#66ccee", "#228833", "#ccbb44"]
     for ax, jobs, unit, title in groups:
         width = 0.8 / len(jobs)
         for k, job in enumerate(jobs):
-            vals = [r["jobs"][job[0]][job[5]] for r in rows]
+            vals = [r["jobs"][job[0]][job[2]] for r in rows]
             xs = [i + (k - (len(jobs) - 1) / 2) * width for i in range(len(rows))]
             bars = ax.barh(xs, vals, height=width, label=job[1], color=colors[k % 4])
             ax.bar_label(bars, labels=[f"{v:,.0f}" for v in vals], fontsize=7, padding=2)
@@ -309,7 +242,8 @@ def plot(report: dict, path: str) -> None:
     ax.legend(fontsize=8, loc="lower right")
     ax.margins(x=0.2)
     m = report["machine"]
-    fig.suptitle(f"klcrypt vs gocryptfs — {m['cpu_model']}, {m['online_cpus']} CPUs, "
+    peers = [r["stack"] for r in rows if not r["stack"].startswith(("klcrypt", "raw"))]
+    fig.suptitle(f"klcrypt vs {' and '.join(peers) or 'the raw file'} — {m['cpu_model']}, {m['online_cpus']} CPUs, "
                  f"Linux {m['kernel']}, {m['date_utc']} UTC (Key Locker emulated where "
                  "marked: it protects nothing)", fontsize=10)
     fig.tight_layout()
@@ -317,21 +251,41 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+README_START, README_END = "<!-- bench.py: start -->", "<!-- bench.py: end -->"
+
+
+def update_readme(md: str) -> None:
+    """Put the new tables into README.md between the bench.py markers."""
+    path = os.path.join(ROOT, "README.md")
+    text = open(path).read()
+    if README_START not in text or README_END not in text:
+        log("README.md has no bench.py markers; not updated")
+        return
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(path, "w") as f:
+        f.write(head + README_START + "\n" + md + README_END + tail)
+    log("updated the tables in README.md")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "bench"),
                     help="directory for bench.json, bench.md, bench.png (default docs/bench)")
     ap.add_argument("--size", type=int, default=256, help="fio file size in MiB (default 256)")
-    ap.add_argument("--runtime", type=float, default=4.0,
-                    help="seconds per time-based fio job (default 4)")
+    ap.add_argument("--runtime", type=int, default=2,
+                    help="seconds per fio run, after 1 s of ramp (default 2)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds over all stacks; each figure is the best (default 3)")
     ap.add_argument("--cipher-seconds", type=float, default=0.5,
                     help="klcrypt benchmark --seconds (default 0.5)")
     ap.add_argument("--quick", action="store_true", help="64 MiB, 1 s jobs (a smoke run)")
-    ap.add_argument("--no-gocryptfs", action="store_true", help="skip gocryptfs")
+    ap.add_argument("--peers", default="gocryptfs,securefs",
+                    help="other encrypted filesystems to measure, where installed")
     ap.add_argument("--no-plot", action="store_true", help="JSON and Markdown only")
     args = ap.parse_args()
     if args.quick:
-        args.size, args.runtime, args.cipher_seconds = 64, 1.0, 0.1
+        args.size, args.runtime, args.cipher_seconds, args.repeats = 64, 1, 0.1, 1
     if os.geteuid() != 0:
         print("bench: run as root (FUSE mounts)", file=sys.stderr)
         return 1
@@ -339,25 +293,24 @@ def main() -> int:
         print("bench: fio is not installed (scripts/setup.sh installs it)", file=sys.stderr)
         return 1
     os.makedirs(args.out, exist_ok=True)
+    # SIGTERM unwinds like Ctrl-C, so every mapping and mount is closed on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cipher = cipher_rows(args.cipher_seconds)
     report = {"version": 1, "machine": machine_info(cipher),
               "method": {"size_mib": args.size, "runtime_s": args.runtime,
-                         "backing": "/dev/shm", "fio": "libaio, direct=1"},
+                         "repeats": args.repeats,
+                         "backing": "tmpfs", "workloads": dict(bm.WORKLOADS)},
               "cipher": cipher.get("cipher", [])}
-    work = tempfile.mkdtemp(prefix="klcrypt-bench.", dir="/dev/shm")
-    try:
-        with open(os.path.join(work, "key"), "wb") as f:
-            f.write(PASS)
-        report["stack"] = run_stacks(stacks(work, args.size, not args.no_gocryptfs),
-                                     args.size, args.runtime)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    peers = [p for p in args.peers.split(",") if p and shutil.which(p)]
+    report["stack"] = run_stacks(args.size, args.runtime, args.repeats, peers)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(report, f, indent=2)
     md = markdown(report)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(md)
     print(md)
+    if os.path.abspath(args.out) == os.path.join(ROOT, "docs", "bench"):
+        update_readme(md)
     if not args.no_plot:
         plot(report, os.path.join(args.out, "bench.png"))
         log(f"wrote {os.path.join(args.out, 'bench.png')}")

@@ -61,12 +61,13 @@ def layout(path, size):
 
 
 @contextlib.contextmanager
-def klcrypt_target(base, size, engine, direct_io, read_ahead_kb=0):
-    img = os.path.join(base, "kl.img")
+def klcrypt_target(base, size, engine, direct_io, read_ahead_kb=0, keylocker="off", tag=""):
+    # tag: lets several mappings be open at once (scripts/bench.py interleaves them)
+    img = os.path.join(base, f"kl{tag}.img")
     vol = maputil.make_volume(img, size + (16 << 20))
-    name = f"bench{os.getpid()}"
+    name = f"bench{os.getpid()}{tag}"
     st = api.open_mapping(maputil.target(vol), bytearray(vol["key"]),
-                          api.MapOptions(name=name, engine=engine, keylocker="off",
+                          api.MapOptions(name=name, engine=engine, keylocker=keylocker,
                                          direct_io=direct_io, read_ahead_kb=read_ahead_kb))
     try:
         yield str(system.Paths(name).file), st["engine"], st["pid"]

@@ -33,3 +33,9 @@ fi
 .venv/bin/python -c "import klcrypt.xts as x; print('setup: engines available:', ', '.join(x.available_engines()))"
 # mount(8) runs helpers from /sbin only: fstab type "klcrypt" -> /sbin/mount.klcrypt
 ln -sfn "$PWD/.venv/bin/mount.klcrypt" /sbin/mount.klcrypt
+# the man pages (a wheel install puts them in PREFIX/share/man; an editable one does not)
+for page in man/*.[1-9]; do
+    sect=${page##*.}
+    mkdir -p "/usr/local/share/man/man$sect"
+    ln -sfn "$PWD/$page" "/usr/local/share/man/man$sect/"
+done

@@ -85,8 +85,7 @@ def test_open_argv_and_missing_option():
 def test_every_helper_option_exists_in_klcrypt_open():
     have = mh._open_options()
     missing = [k for k, flag in mh.KLCRYPT_OPTIONS.items() if flag not in have]
-    # restore-mode= arrives with the restore modes; every other option must map
-    assert set(missing) <= {"restore-mode"}, missing
+    assert missing == [], missing
 
 
 @pytest.mark.unit
