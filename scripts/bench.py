@@ -75,9 +75,9 @@ def machine_info(cipher_report: dict) -> dict:
     return m
 
 
-def cipher_rows(seconds: float) -> dict:
-    log("cipher rows: klcrypt benchmark --json")
-    r = klcrypt("benchmark", "--json", "--seconds", str(seconds))
+def cipher_rows(seconds: float, repeats: int) -> dict:
+    log(f"cipher rows: klcrypt benchmark --json --seconds {seconds} --repeats {repeats}")
+    r = klcrypt("benchmark", "--json", "--seconds", str(seconds), "--repeats", str(repeats))
     return json.loads(r.stdout)
 
 
@@ -277,15 +277,18 @@ def main() -> int:
                     help="seconds per fio run, after 1 s of ramp (default 2)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds over all stacks; each figure is the best (default 3)")
-    ap.add_argument("--cipher-seconds", type=float, default=0.5,
-                    help="klcrypt benchmark --seconds (default 0.5)")
+    ap.add_argument("--cipher-seconds", type=float, default=1.0,
+                    help="klcrypt benchmark --seconds (default 1.0)")
+    ap.add_argument("--cipher-repeats", type=int, default=20,
+                    help="klcrypt benchmark --repeats (default 20: best of 20 short runs)")
     ap.add_argument("--quick", action="store_true", help="64 MiB, 1 s jobs (a smoke run)")
     ap.add_argument("--peers", default="gocryptfs,securefs",
                     help="other encrypted filesystems to measure, where installed")
     ap.add_argument("--no-plot", action="store_true", help="JSON and Markdown only")
     args = ap.parse_args()
     if args.quick:
-        args.size, args.runtime, args.cipher_seconds, args.repeats = 64, 1, 0.1, 1
+        args.size, args.runtime, args.repeats = 64, 1, 1
+        args.cipher_seconds, args.cipher_repeats = 0.1, 2
     if os.geteuid() != 0:
         print("bench: run as root (FUSE mounts)", file=sys.stderr)
         return 1
@@ -295,7 +298,7 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     # SIGTERM unwinds like Ctrl-C, so every mapping and mount is closed on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    cipher = cipher_rows(args.cipher_seconds)
+    cipher = cipher_rows(args.cipher_seconds, args.cipher_repeats)
     report = {"version": 1, "machine": machine_info(cipher),
               "method": {"size_mib": args.size, "runtime_s": args.runtime,
                          "repeats": args.repeats,
