@@ -327,3 +327,31 @@ def test_mmap_shared(vol, name, direct_io):
         finally:
             os.close(fd)
     assert backing_plaintext(vol)[(1 << 20) + 100:(1 << 20) + 200] == b"m" * 100
+
+
+def test_cli_foreground(vol, name):
+    """--foreground serves in the klcrypt process itself; close ends it with exit 0."""
+    import sys
+    import time
+    p = subprocess.Popen([sys.executable, "-m", "klcrypt", "open", "--foreground", vol["path"],
+                          name, "--key-file", vol["passfile"]],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                st = api.status(name)
+                break
+            except errors.NotActiveError:
+                assert p.poll() is None, p.stderr.read()
+                time.sleep(0.1)
+        assert st["pid"] == p.pid
+        with open(system.Paths(name).file, "r+b") as f:
+            f.write(b"fg" * 1000)
+        api.close_mapping(name)
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert backing_plaintext(vol)[:2000] == b"fg" * 1000
