@@ -22,7 +22,7 @@
  *             half; block j of the sector uses that times x^j (IEEE 1619).
  * Decryption: the equivalent inverse cipher (VAESDEC, AESIMC'ed schedule).
  * Speed:      AES-256-XTS 4 KiB sectors, one core of the Zen 4 KVM guest:
- *             ~13 GiB/s, ~90% of the 2-VAESENC-per-clock bound and 2.2x
+ *             ~12.5-13 GiB/s, ~90% of the 2-VAESENC-per-clock bound, 2.1-2.2x
  *             OpenSSL 3.0 (README "Performance").
  *
  * Tricks, one line of "why" each:
