@@ -325,3 +325,56 @@ def test_wrong_key_leaves_nothing(tmp_path, ext4_volume, helper_type, mountpoint
     name = mh.name_for(str(mountpoint))
     assert not system.find_mount(system.Paths(name).file)
     assert not system.Paths(name).sock.exists()
+
+
+@pytest.mark.interop
+def test_boot_without_key_file_asks_systemd(tmp_path, ext4_volume, mountpoint, monkeypatch,
+                                            capsys):
+    """No keyfile= and no terminal, under systemd (as at boot): the helper asks through
+    systemd-ask-password (a stand-in here: systemd is not PID 1 on the test machines)."""
+    from klcrypt import passphrase
+    img, key = ext4_volume
+    fake_run = tmp_path / "run-systemd-system"
+    fake_run.mkdir()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    asked = tmp_path / "asked"
+    tool = bindir / "systemd-ask-password"
+    tool.write_text("#!/bin/sh\n"
+                    f"printf '%s\\n' \"$*\" >> {asked}\n"
+                    f"cat {key}\n"
+                    "echo\n")
+    tool.chmod(0o755)
+    monkeypatch.setattr(passphrase, "SYSTEMD_RUNTIME", str(fake_run))
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))
+    assert mh.run([str(img), str(mountpoint), "-o", "fstype=ext4"]) == 0
+    assert "Enter passphrase" in asked.read_text() and str(img) in asked.read_text()
+    assert system.find_mount(mountpoint).fstype == "ext4"
+    st = _state_for(mountpoint)
+    r = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert _wait_gone(st, img, mountpoint) == []
+
+
+@pytest.mark.interop
+def test_lazy_umount_with_a_file_open_tears_down_when_released(tmp_path, ext4_volume,
+                                                                helper_type, mountpoint):
+    """umount -l while a file is open: the mount leaves the table at once, the
+    filesystem (and so the loop device) only when the file is closed; the mapping
+    ends after that, and nothing is left."""
+    img, key = ext4_volume
+    fstab = _fstab(tmp_path, f"{img} {mountpoint} {helper_type} keyfile={key} 0 0")
+    r = _mount("-T", str(fstab), str(mountpoint))
+    assert r.returncode == 0, r.stderr
+    st = _state_for(mountpoint)
+    f = open(mountpoint / "held.txt", "w")
+    try:
+        f.write("still open")
+        r = subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert not system.find_mount(mountpoint)
+        f.flush()
+    finally:
+        f.close()
+    assert _wait_gone(st, img, mountpoint) == []
