@@ -241,6 +241,11 @@ def plot(report: dict, path: str) -> None:
     ax.set_title("Cipher only: AES-256-XTS in memory")
     ax.legend(fontsize=8, loc="lower right")
     ax.margins(x=0.2)
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    for a in axes:       # few, short tick labels: 12k, not 12000 crowding its neighbour
+        a.xaxis.set_major_locator(MaxNLocator(4))
+        a.xaxis.set_major_formatter(FuncFormatter(
+            lambda v, _: f"{v / 1000:g}k" if v >= 10000 else f"{v:g}"))
     m = report["machine"]
     peers = [r["stack"] for r in rows if not r["stack"].startswith(("klcrypt", "raw"))]
     fig.suptitle(f"klcrypt vs {' and '.join(peers) or 'the raw file'} — {m['cpu_model']}, {m['online_cpus']} CPUs, "
