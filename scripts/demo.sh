@@ -15,7 +15,13 @@ if [ "$(id -u)" != 0 ]; then
 fi
 if [ -z "${KLCRYPT_DEMO_NO_SETUP:-}" ]; then
     echo "== setting up (apt packages, .venv, the C build): scripts/setup.sh"
-    bash scripts/setup.sh >/dev/null
+    SETUP_LOG=$(mktemp /tmp/klcrypt-setup.XXXXXX)
+    if ! bash scripts/setup.sh >"$SETUP_LOG" 2>&1; then
+        cat "$SETUP_LOG" >&2
+        echo "demo: scripts/setup.sh failed (log above)" >&2
+        exit 1
+    fi
+    rm -f "$SETUP_LOG"
 fi
 export PATH="$PWD/.venv/bin:$PATH"
 PY="$PWD/.venv/bin/python"
