@@ -310,7 +310,17 @@ def main() -> int:
                          "backing": "tmpfs", "workloads": dict(bm.WORKLOADS)},
               "cipher": cipher.get("cipher", [])}
     peers = [p for p in args.peers.split(",") if p and shutil.which(p)]
-    report["stack"] = run_stacks(args.size, args.runtime, args.repeats, peers)
+    # the mappings' sockets, state and logs in a directory of their own (removed after)
+    from klcrypt.mapping import system
+    run_dir = None
+    if not os.environ.get(system.ENV_RUN_DIR):
+        run_dir = tempfile.mkdtemp(prefix="klcrypt-bench-run-")
+        os.environ[system.ENV_RUN_DIR] = run_dir
+    try:
+        report["stack"] = run_stacks(args.size, args.runtime, args.repeats, peers)
+    finally:
+        if run_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(report, f, indent=2)
     md = markdown(report)

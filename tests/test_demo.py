@@ -30,3 +30,4 @@ def test_demo_runs_clean(tmp_path):
     left = [m.mountpoint for m in system.mounts()
             if m.mountpoint.startswith((work + "/", run_dir + "/"))]
     assert left == [] and not os.path.exists(work)
+    assert not os.path.exists(run_dir) or os.listdir(run_dir) == []
