@@ -120,6 +120,24 @@ def test_ext4_on_loop(vol, name, tmp_path, klcrypt_cli):
         assert klcrypt_cli("close", name).returncode == 0
 
 
+def test_mount_small_blocks_gives_one_line_hint(vol, name, tmp_path, klcrypt_cli):
+    """ext4 with 1 KiB blocks on a 4096-byte-sector volume cannot be mounted through the
+    loop device: open --mount fails with exit 12, one line naming the fix, nothing left."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    kf = vol["passfile"]
+    assert klcrypt_cli("open", vol["path"], name, "--key-file", kf).returncode == 0
+    path = str(system.Paths(name).file)
+    assert run(["mkfs.ext4", "-q", "-F", "-b", "1024", path]).returncode == 0
+    assert klcrypt_cli("close", name).returncode == 0
+    r = klcrypt_cli("open", vol["path"], name, "--key-file", kf, "--mount", str(mnt))
+    assert r.returncode == ExitCode.MOUNT
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "mkfs.ext4 -b 4096" in r.stderr
+    assert not system.find_mount(str(mnt)) and not system.loops_for(path)
+    assert not system.Paths(name).sock.exists()
+
+
 WRITER = r"""
 import os, sys
 fd = os.open(sys.argv[1], os.O_RDWR)

@@ -179,8 +179,28 @@ def fs_mount(dev: str, directory, fstype: str | None, options: str | None,
         cmd += ["-o", ",".join(opts)]
     r = _run(cmd + [dev, str(directory)])
     if r.returncode != 0:
-        raise errors.MountError(f"mounting {dev} on {directory} failed: "
-                                f"{r.stderr.strip() or r.returncode}")
+        why = " ".join((r.stderr or "").split()) or str(r.returncode)
+        raise errors.MountError(f"mounting {dev} on {directory} failed: {why}"
+                                + _small_block_hint(dev))
+
+
+def _small_block_hint(dev: str) -> str:
+    """A hint when an ext2/3/4 filesystem has blocks smaller than the loop device's
+    sector size (mke2fs on a small plain file picks 1 KiB blocks)."""
+    try:
+        sector = int(Path(f"/sys/block/{Path(dev).name}/queue/logical_block_size").read_text())
+        with open(dev, "rb") as f:
+            f.seek(1024)
+            sb = f.read(64)
+    except (OSError, ValueError):
+        return ""
+    if len(sb) < 64 or int.from_bytes(sb[56:58], "little") != 0xEF53:
+        return ""
+    block = 1024 << int.from_bytes(sb[24:28], "little")
+    if block >= sector:
+        return ""
+    return (f" (the filesystem has {block}-byte blocks but the volume's sectors are {sector}"
+            f" bytes: make it with 'mkfs.ext4 -b {sector}')")
 
 
 def fs_umount(directory, lazy: bool = False) -> None:
