@@ -91,12 +91,7 @@ def _read_keyfile(key_file: str, size, offset) -> bytearray:
                 raise UsageError(f"key file {key_file} is shorter than --keyfile-offset")
             skip -= k
         wipe(scratch)
-        mv = memoryview(buf)
-        while n < len(buf):
-            k = os.readv(fd, [mv[n:]])
-            if k == 0:
-                break
-            n += k
+        n = _read_into(fd, buf)
     except OSError as e:
         wipe(buf)
         raise UsageError(f"cannot read key file {key_file}: {e.strerror}") from None
@@ -116,6 +111,21 @@ def _read_keyfile(key_file: str, size, offset) -> bytearray:
     return _take(buf, n)
 
 
+def _read_into(fd: int, buf: bytearray, stop_at_newline: bool = False) -> int:
+    """Fill buf from fd with readv (no intermediate bytes objects that could not be
+    wiped) until EOF, a full buffer, or (stop_at_newline) a newline; returns the count."""
+    mv = memoryview(buf)
+    n = 0
+    while n < len(buf):
+        k = os.readv(fd, [mv[n:]])
+        if k == 0:
+            break
+        n += k
+        if stop_at_newline and buf[n - 1] == 0x0A:
+            break
+    return n
+
+
 def _read_tty_line(fd: int, prompt: str) -> bytearray:
     """One line from the terminal without echo; the newline is dropped."""
     out = os.fdopen(os.dup(2), "w")
@@ -123,19 +133,11 @@ def _read_tty_line(fd: int, prompt: str) -> bytearray:
     new = termios.tcgetattr(fd)
     new[3] &= ~termios.ECHO
     buf = bytearray(PASSPHRASE_MAX * 4 + 2)
-    n = 0
     try:
         termios.tcsetattr(fd, termios.TCSAFLUSH, new)   # echo off (drops type-ahead) ...
         out.write(prompt)                                # ... then prompt
         out.flush()
-        mv = memoryview(buf)
-        while n < len(buf):
-            k = os.readv(fd, [mv[n:]])
-            if k == 0:
-                break
-            n += k
-            if buf[n - 1] == 0x0A:
-                break
+        n = _read_into(fd, buf, stop_at_newline=True)
     finally:
         termios.tcsetattr(fd, termios.TCSAFLUSH, old)
         out.write("\n")
@@ -157,15 +159,8 @@ def _ask_password(prompt: str) -> bytearray:
                          "(use --key-file FILE, or --key-file - for stdin)")
     p = subprocess.Popen([exe, prompt], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
     buf = bytearray(PASSPHRASE_MAX * 4 + 2)
-    n = 0
     try:
-        fd = p.stdout.fileno()
-        mv = memoryview(buf)
-        while n < len(buf):
-            k = os.readv(fd, [mv[n:]])
-            if k == 0:
-                break
-            n += k
+        n = _read_into(p.stdout.fileno(), buf)
     finally:
         p.stdout.close()
         rc = p.wait()
