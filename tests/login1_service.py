@@ -1,6 +1,8 @@
 """A stand-in for systemd-logind on a private D-Bus, for the sleep tests.
 
-Owns org.freedesktop.login1 on the bus given as argv[1] and serves:
+Owns org.freedesktop.login1 on the bus given as argv[1] (allowing replacement;
+with argv[2] == "replace" it takes the name over, as a restarted logind does, and
+then the old one, still connected, is nobody) and serves:
   org.freedesktop.login1.Manager.Inhibit(ssss) -> h
       a pipe's write end; the lock is held until every copy of it is closed
   org.klcrypt.Test.SleepStart(d timeout) -> (b released, d waited, u holders)
@@ -9,6 +11,7 @@ Owns org.freedesktop.login1 on the bus given as argv[1] and serves:
   org.klcrypt.Test.SleepEnd() -> ()
       emits PrepareForSleep(false) (the machine resumed)
   org.klcrypt.Test.Inhibitors() -> u      delay locks currently held
+  org.klcrypt.Test.Holders() -> as        unique bus names of their holders
 Prints "ready" on stdout once the name is owned.  Test code only.
 """
 import os
@@ -27,12 +30,16 @@ TEST = "org.klcrypt.Test"
 
 def main(address: str) -> int:
     conn = open_dbus_connection(bus=address, enable_fds=True)
-    reply = conn.send_and_get_reply(message_bus.RequestName("org.freedesktop.login1", 4))
+    replace = len(sys.argv) > 2 and sys.argv[2] == "replace"
+    # 1 = allow replacement, 2 = replace existing, 4 = do not queue
+    flags = 1 | 4 | (2 if replace else 0)
+    reply = conn.send_and_get_reply(message_bus.RequestName("org.freedesktop.login1", flags))
     if reply.body[0] != 1:
         print(f"could not own the name: {reply.body}", file=sys.stderr)
         return 1
     emitter = DBusAddress(PATH, interface=MANAGER)
     held = []             # read ends of delay inhibitor pipes
+    holder = {}           # read end -> the holder's unique bus name
 
     def prune(timeout: float) -> None:
         """Drop the locks whose holders all closed their ends (EOF on our read end)."""
@@ -42,6 +49,7 @@ def main(address: str) -> int:
         for fd in r:
             if not os.read(fd, 64):
                 held.remove(fd)
+                holder.pop(fd, None)
                 os.close(fd)
 
     print("ready", flush=True)
@@ -57,6 +65,7 @@ def main(address: str) -> int:
             r, w = os.pipe2(os.O_CLOEXEC)
             if mode == "delay" and "sleep" in what.split(":"):
                 held.append(r)
+                holder[r] = h.fields.get(HeaderFields.sender)
             else:
                 os.close(r)
             conn.send(new_method_return(msg, "h", (w,)))
@@ -75,6 +84,9 @@ def main(address: str) -> int:
         elif iface == TEST and member == "Inhibitors":
             prune(0)
             conn.send(new_method_return(msg, "u", (len(held),)))
+        elif iface == TEST and member == "Holders":
+            prune(0)
+            conn.send(new_method_return(msg, "as", ([holder[fd] for fd in held],)))
         else:
             conn.send(new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod",
                                 "s", (f"{iface}.{member}",)))

@@ -15,6 +15,7 @@ import maputil
 from klcrypt.exitcodes import ExitCode
 from klcrypt.mapping import api, system
 from klcrypt.restore import modes as M
+import sleepbus
 from sleepbus import login1_bus
 
 pytestmark = [pytest.mark.fuse,
@@ -261,6 +262,43 @@ def test_logind_prepare_for_sleep_under_fio(vol, name, mode, tmp_path):
             if fio.poll() is None:
                 fio.kill()
                 fio.wait()
+            maputil.force_cleanup(name)
+
+
+def test_forged_prepare_for_sleep_changes_nothing(vol, name):
+    """A local user (nobody) sends PrepareForSleep(true), broadcast and straight to the
+    daemon's bus connection: in native_kernel_key_norestore the mapping stays active
+    with its handles, the delay inhibitor stays held, I/O goes on; then login1's own
+    PrepareForSleep still drops the handles."""
+    with sleepbus.public_tmpdir() as d, login1_bus(d) as bus:
+        env = dict(os.environ, KLCRYPT_TEST_DBUS_ADDRESS=bus.address)
+        try:
+            open_detached(vol, name, env=env, keylocker="emulated",
+                          restore_mode="native_kernel_key_norestore", lock_timeout_ms=60000)
+            assert bus.wait_inhibitors(1), "klcrypt took no delay inhibitor"
+            (daemon,) = bus.holders()
+            bus.forge(True)
+            bus.forge(True, dest=daemon)
+            wait_for(lambda: api.status(name)["restore"]["sleep_watch"].get("ignored") == 1
+                     or api.status(name)["restore"]["state"] != "active",
+                     what="the forged signal to reach the daemon")
+            st = api.status(name)
+            assert st["state"] == "active"
+            assert st["restore"]["state"] == "active" and st["restore"]["handles"] == "live"
+            assert st["restore"]["counts"]["sleeps"] == 0
+            assert bus.inhibitors() == 1 and bus.holders() == [daemon]
+            path = str(system.Paths(name).file)
+            with open(path, "r+b", buffering=0) as f:      # the mapping still serves I/O
+                f.write(b"still here" * 410)
+                os.fsync(f.fileno())
+            released, _, held = bus.sleep_start(timeout=20)
+            assert released and held == 0
+            st = api.status(name)["restore"]
+            assert st["state"] == "sleeping" and st["handles"] == "dropped"
+            bus.sleep_end()
+            wait_for(lambda: api.status(name)["restore"]["state"] == "locked",
+                     what="the resume to lock the mapping")
+        finally:
             maputil.force_cleanup(name)
 
 
