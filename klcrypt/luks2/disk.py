@@ -1,6 +1,6 @@
 """Reading and writing the two LUKS2 metadata copies on the device.
 
-Reading: the primary at 0; the secondary at the primary's hdr_size, or found by
+Reading goes through a device.DeviceHandle (the descriptor opened once): the primary at 0; the secondary at the primary's hdr_size, or found by
 scanning the allowed offsets when the primary is unusable.  A copy is usable when
 its binary header parses, its offset and magic match where it was found, its
 checksum is right and its JSON parses.  The usable copy with the higher seqid wins.
@@ -12,7 +12,6 @@ reader always finds a complete copy: the old one or the new one.
 """
 import logging
 import os
-import stat
 
 from ..errors import DeviceError, IOErrorKl, UnsupportedError
 from . import binhdr, metadata
@@ -41,32 +40,8 @@ class Copy:
         self.meta = meta           # parsed JSON (dict)
 
 
-def device_size(f) -> int:
-    """Size in bytes of a regular file or a block device."""
-    st = os.fstat(f.fileno())
-    if stat.S_ISREG(st.st_mode):
-        return st.st_size
-    if stat.S_ISBLK(st.st_mode):
-        return f.seek(0, os.SEEK_END)
-    raise DeviceError("not a regular file or block device")
-
-
-def open_device(path: str, write: bool = False):
-    try:
-        return open(path, "r+b" if write else "rb", buffering=0)
-    except FileNotFoundError:
-        raise DeviceError(f"device {path} does not exist") from None
-    except IsADirectoryError:
-        raise DeviceError(f"{path} is a directory, not a device") from None
-    except PermissionError:
-        raise DeviceError(f"cannot open {path}: permission denied") from None
-    except OSError as e:
-        raise DeviceError(f"cannot open {path}: {e.strerror}") from None
-
-
-def _pread(f, offset: int, n: int) -> bytes:
-    f.seek(offset)
-    return f.read(n) or b""
+def _pread(h, offset: int, n: int) -> bytes:
+    return h.pread(offset, n)
 
 
 def read_copy(f, offset: int, size: int, magic: bytes) -> Copy:

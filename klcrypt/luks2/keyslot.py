@@ -105,21 +105,22 @@ def parse(ks_id: int, obj) -> Keyslot:
     return handler.parse(ks_id, obj)
 
 
-def read_area(f, ks: Keyslot) -> bytearray:
+def read_area(h, ks: Keyslot) -> bytearray:
+    """The raw area of ks read through h (a device.DeviceHandle)."""
     n = area_bytes(ks.key_size, ks.stripes)
     buf = bytearray(n)
-    f.seek(ks.area_offset)
-    got = f.readinto(buf)
+    got = h.preadinto(buf, ks.area_offset)
     if got != n:
         wipe(buf)
         raise DeviceError(f"keyslot {ks.id}: area is truncated")
     return buf
 
 
-def open_keyslot(f, ks: Keyslot, password) -> bytearray:
-    """The candidate volume key stored in ks for password (not yet verified)."""
+def open_keyslot(h, ks: Keyslot, password) -> bytearray:
+    """The candidate volume key stored in ks for password (not yet verified), its area
+    read through h (the header's device.DeviceHandle)."""
     with Wiped() as w:
-        area = w.add(read_area(f, ks))
+        area = w.add(read_area(h, ks))
         akey = w.add(kdf.derive(ks.kdf, password, ks.area_key_size))
         with XTS(akey) as x:
             x.decrypt(area, AREA_SECTOR, 0, out=area)

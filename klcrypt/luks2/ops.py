@@ -5,22 +5,25 @@ Write order (every change survives a crash at any write, tested by fault injecti
   remove a keyslot:  both metadata copies -> then wipe the area
   change a key:      new area (a free region) -> metadata (slot points to it) -> wipe old area
 The metadata copies carry one new seqid; see disk.py for why a torn copy is harmless.
-Every change runs under an exclusive flock of the device and re-reads the header
-under it; new metadata is validated before it is written.
+Every change opens the device holding the header once, read-write and exclusively
+(device.open_device: flock for a file, O_EXCL for a block device), reads the header
+through that descriptor and writes through it; a detached header (header=FILE) is the
+device changed, the data device is only opened read-only to check the data segment.
+New metadata is validated before it is written.
 """
 import copy
-import fcntl
 import logging
 import os
 import uuid as uuid_mod
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
-from ..errors import BusyError, DeviceError, UsageError
+from ..errors import DeviceError, UsageError
 from ..secret import random_bytes, wipe
 from ..xts import XTS
 from . import binhdr, digest as digest_mod, disk, kdf, keyslot as keyslot_mod
 from . import token as token_mod
+from .device import DeviceHandle, open_device, open_or_create
 from .validate import validate
 from .volume import Volume, load, unlock_slot
 
@@ -46,24 +49,43 @@ class PbkdfOptions:
 
 
 @contextmanager
-def locked(path: str):
-    """The device opened read-write under an exclusive flock (like cryptsetup's lock)."""
-    f = disk.open_device(path, write=True)
+def changing(path, header=None):
+    """The volume for a change: the header's device opened once, read-write and
+    exclusive (BusyError while another klcrypt process holds it), the header read
+    through it.  With a detached header the data device is opened read-only."""
+    with ExitStack() as st:
+        if header is None:
+            h = st.enter_context(_own(path, write=True, exclusive=True))
+            vol = st.enter_context(load(h))
+        else:
+            hh = st.enter_context(_own(header, write=True, exclusive=True))
+            dh = st.enter_context(_own(path, write=False, exclusive=False))
+            vol = st.enter_context(load(dh, hh))
+        yield vol
+
+
+@contextmanager
+def _own(src, *, write: bool, exclusive: bool):
+    """src as a handle: a handle passed in stays open, a path is opened and closed here."""
+    if isinstance(src, DeviceHandle):
+        yield src
+        return
+    h = open_device(src, write=write, exclusive=exclusive)
     try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BusyError(f"{path} is locked by another klcrypt process") from None
-        yield f
+        yield h
     finally:
-        f.close()
+        h.close()
 
 
-def commit(vol: Volume, fd: int, meta: dict, label=None, subsystem=None) -> None:
-    """Validate meta and write both copies with seqid = newest seen + 1."""
-    validate(meta, vol.hdr_size, vol.device_size, header_only=vol.header_only)
-    disk.write_headers(fd, vol.hdr_size, vol.max_seqid + 1,
-                       vol.label if label is None else label, vol.uuid,
+def commit(vol: Volume, meta: dict, label=None, subsystem=None, uuid=None) -> None:
+    """Validate meta and write both copies with seqid = newest seen + 1 through the
+    header's descriptor."""
+    hdev = vol.header_device
+    validate(meta, vol.hdr_size, hdev.size, header_only=vol.header_only,
+             data_device_size=vol.device.size if vol.detached else None)
+    disk.write_headers(hdev.fd, vol.hdr_size, vol.max_seqid + 1,
+                       vol.label if label is None else label,
+                       vol.uuid if uuid is None else uuid,
                        vol.subsystem if subsystem is None else subsystem, meta)
 
 
@@ -104,42 +126,88 @@ def _wipe_area(fd: int, offset: int, size: int) -> None:
 
 # ---- format -------------------------------------------------------------------------
 
-def format_volume(path: str, passphrase, *, key_size: int = 64, sector_size: int | None = None,
+def format_volume(path, passphrase, *, key_size: int = 64, sector_size: int | None = None,
                   pbkdf: PbkdfOptions | None = None, label: str = "", uuid: str | None = None,
                   size: int | None = None, keyslot: int = 0, wipe_data: bool = False,
-                  progress=None) -> Volume:
-    """Write a new LUKS2 header (and optionally encrypted zeros over the data area)."""
+                  progress=None, header=None, volume_key=None,
+                  data_offset: int | None = None) -> Volume:
+    """Write a new LUKS2 header (and optionally encrypted zeros over the data area).
+
+    path/header: paths or DeviceHandles (handles passed in stay open and must be
+    writable and exclusive).  header: a detached header file (created, 0600, when
+    missing); the data then starts at data_offset (default 0, as cryptsetup) of path.
+    volume_key: use this key instead of a random one.  Returns the new volume, holding
+    the handles this call opened (close it).
+    """
     pbkdf = pbkdf or PbkdfOptions()
     if key_size not in keyslot_mod.VOLUME_KEY_SIZES:
         raise UsageError("key size must be 256 or 512 bits")
+    if volume_key is not None and len(volume_key) != key_size:
+        raise UsageError(f"the volume key has {len(volume_key)} bytes; --key-size "
+                         f"{key_size * 8} needs {key_size}")
     if len(label.encode()) > LABEL_MAX or not label.isascii():
         raise UsageError(f"label must be ASCII and at most {LABEL_MAX} characters")
-    if uuid is None:
-        uuid = str(uuid_mod.uuid4())
-    else:
-        try:
-            uuid = str(uuid_mod.UUID(uuid))
-        except ValueError:
-            raise UsageError(f"'{uuid}' is not a valid UUID") from None
+    uuid = _check_uuid(uuid) if uuid is not None else str(uuid_mod.uuid4())
     if not 0 <= keyslot < keyslot_mod.MAX_KEYSLOTS:
         raise UsageError(f"keyslot {keyslot} is out of range")
-    if size is not None:
-        _create_or_grow(path, size)
-    with locked(path) as f:
-        dev_size = disk.device_size(f)
-        if dev_size <= DATA_OFFSET:
-            raise DeviceError(f"{path} is too small: {dev_size} bytes, a LUKS2 volume needs "
-                              f"more than {DATA_OFFSET} (16 MiB header) plus data")
-        data_bytes = dev_size - DATA_OFFSET
+    if size is not None and size <= 0:
+        raise UsageError("--size must be positive")
+    ks_end = 2 * HDR_SIZE + KEYSLOTS_SIZE
+    if data_offset is None:
+        data_offset = DATA_OFFSET if header is None else 0
+    if data_offset % 4096 or data_offset < 0:
+        raise UsageError("the data offset must be a multiple of 4096 bytes")
+    if header is None and data_offset < ks_end:
+        raise UsageError(f"the data offset must be at least {ks_end} bytes (after the "
+                         "header), or use a detached --header")
+    with ExitStack() as st:
+        opened = []
+
+        def own(h):
+            if not isinstance(h, DeviceHandle):
+                raise TypeError(h)
+            opened.append(h)
+            return h
+        if isinstance(path, DeviceHandle):
+            dh = path
+        elif size is not None:
+            dh = own(open_or_create(path, size))
+        else:
+            dh = own(open_device(path, write=header is None or wipe_data, exclusive=True))
+        st.callback(_close_unless_kept, opened)
+        if size is not None:
+            if dh.is_block:
+                raise UsageError("--size works on image files only")
+            if dh.size > size:
+                raise UsageError(f"{dh.path} is already {dh.size} bytes; --size never "
+                                 "shrinks a file")
+        if header is None:
+            hh = dh
+        elif isinstance(header, DeviceHandle):
+            hh = header
+        else:
+            hh = own(open_or_create(header, ks_end))
+        if (hh is not dh) and (hh.dev, hh.ino) == (dh.dev, dh.ino):
+            raise UsageError(f"--header {hh.path} is the data device itself")
+        if hh.size < ks_end:
+            raise DeviceError(f"{hh.path} is too small for a LUKS2 header: {hh.size} bytes, "
+                              f"need {ks_end}")
+        if not dh.write and (hh is dh or wipe_data):
+            raise UsageError(f"{dh.path} is not open for writing")
+        dev_size = dh.size
+        if dev_size <= data_offset:
+            what = "16 MiB header" if hh is dh else f"{data_offset}-byte data offset"
+            raise DeviceError(f"{dh.path} is too small: {dev_size} bytes, a LUKS2 volume needs "
+                              f"more than {data_offset} ({what}) plus data")
+        data_bytes = dev_size - data_offset
         if sector_size is None:
-            is_file = os.path.isfile(path)
-            sector_size = 4096 if is_file and data_bytes % 4096 == 0 else 512
+            sector_size = 4096 if not dh.is_block and data_bytes % 4096 == 0 else 512
         if sector_size not in (512, 1024, 2048, 4096):
             raise UsageError("sector size must be 512, 1024, 2048 or 4096")
         if data_bytes % sector_size:
             raise DeviceError(f"data area of {data_bytes} bytes is not a multiple of the "
                               f"{sector_size}-byte sector size")
-        vk = random_bytes(key_size)
+        vk = bytearray(volume_key) if volume_key is not None else random_bytes(key_size)
         area_buf = None
         try:
             params = pbkdf.params(key_size)
@@ -151,7 +219,7 @@ def format_volume(path: str, passphrase, *, key_size: int = 64, sector_size: int
             meta = {
                 "keyslots": {str(keyslot): ks_obj},
                 "tokens": {},
-                "segments": {"0": {"type": "crypt", "offset": str(DATA_OFFSET),
+                "segments": {"0": {"type": "crypt", "offset": str(data_offset),
                                    "size": "dynamic", "iv_tweak": "0",
                                    "encryption": "aes-xts-plain64",
                                    "sector_size": sector_size}},
@@ -159,40 +227,37 @@ def format_volume(path: str, passphrase, *, key_size: int = 64, sector_size: int
                 "config": {"json_size": str(HDR_SIZE - binhdr.BIN_SIZE),
                            "keyslots_size": str(KEYSLOTS_SIZE)},
             }
-            validate(meta, HDR_SIZE, dev_size)
-            fd = f.fileno()
+            validate(meta, HDR_SIZE, hh.size,
+                     data_device_size=None if hh is dh else dev_size)
+            fd = hh.fd
             # Wipe old metadata and keyslots first, then the new area, then the headers.
             zero = bytes(1 << 20)
-            for off in range(0, DATA_OFFSET, len(zero)):
-                disk.pwrite(fd, zero[:min(len(zero), DATA_OFFSET - off)], off)
+            for off in range(0, ks_end, len(zero)):
+                disk.pwrite(fd, zero[:min(len(zero), ks_end - off)], off)
             disk.pwrite(fd, area_buf, area_off)
             disk.sync(fd)
             disk.write_headers(fd, HDR_SIZE, 1, label, uuid, "", meta)
             if wipe_data:
-                _wipe_data(fd, vk, DATA_OFFSET, data_bytes, sector_size, 0, progress)
+                _wipe_data(dh.fd, vk, data_offset, data_bytes, sector_size, 0, progress)
         finally:
             wipe(vk)
             wipe(area_buf)
-    return load(path)
+        vol = load(dh, None if hh is dh else hh)
+        vol._owned = list(opened)
+        opened.clear()          # the volume keeps them
+        return vol
 
 
-def _create_or_grow(path: str, size: int) -> None:
-    if size <= 0:
-        raise UsageError("--size must be positive")
+def _close_unless_kept(handles: list) -> None:
+    for h in handles:
+        h.close()
+
+
+def _check_uuid(text: str) -> str:
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as e:
-        raise DeviceError(f"cannot create {path}: {e.strerror}") from None
-    try:
-        cur = os.fstat(fd).st_size
-        if not os.path.isfile(path):
-            raise UsageError("--size works on image files only")
-        if cur > size:
-            raise UsageError(f"{path} is already {cur} bytes; --size never shrinks a file")
-        if cur < size:
-            os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
+        return str(uuid_mod.UUID(text))
+    except (ValueError, TypeError, AttributeError):
+        raise UsageError(f"'{text}' is not a valid UUID") from None
 
 
 def _wipe_data(fd, vk, offset, length, sector_size, iv_tweak, progress) -> None:
@@ -215,12 +280,11 @@ def _wipe_data(fd, vk, offset, length, sector_size, iv_tweak, progress) -> None:
 
 # ---- keyslots ------------------------------------------------------------------------
 
-def add_key(path: str, passphrase, new_passphrase, *, keyslot=None, unlock_keyslot=None,
-            pbkdf: PbkdfOptions | None = None, volume_key=None) -> int:
+def add_key(path, passphrase, new_passphrase, *, keyslot=None, unlock_keyslot=None,
+            pbkdf: PbkdfOptions | None = None, volume_key=None, header=None) -> int:
     """Add a keyslot for new_passphrase (unlocking with passphrase, or a given volume key)."""
     pbkdf = pbkdf or PbkdfOptions()
-    with locked(path) as f:
-        vol = load(path)
+    with changing(path, header) as vol:
         if volume_key is not None:
             vk = bytearray(volume_key)
             if not digest_mod.verify(vol.layout.seg_digest, vk):
@@ -239,10 +303,10 @@ def add_key(path: str, passphrase, new_passphrase, *, keyslot=None, unlock_keysl
             meta["keyslots"][str(slot)] = ks_obj
             d = meta["digests"][str(vol.layout.seg_digest.id)]
             d["keyslots"] = sorted(set(d["keyslots"]) | {str(slot)}, key=int)
-            fd = f.fileno()
+            fd = vol.header_device.fd
             disk.pwrite(fd, area, off)          # 1. the area (unused so far)
             disk.sync(fd)
-            commit(vol, fd, meta)               # 2. the metadata that points to it
+            commit(vol, meta)                   # 2. the metadata that points to it
             return slot
         finally:
             wipe(vk)
@@ -261,11 +325,12 @@ def _meta_without(meta: dict, slot: int) -> dict:
     return meta
 
 
-def remove_key(path: str, passphrase=None, *, keyslot=None, allow_last: bool = False) -> int:
+def remove_key(path, passphrase=None, *, keyslot=None, allow_last: bool = False,
+               header=None) -> int:
     """Remove the keyslot that passphrase opens (or keyslot N; then passphrase, if given,
-    must open some keyslot of the volume).  Refuses the last keyslot unless allow_last."""
-    with locked(path) as f:
-        vol = load(path)
+    must open some keyslot of the volume).  Refuses the last keyslot unless allow_last.
+    Tokens keep their other keyslots (an emptied list stays, as in cryptsetup)."""
+    with changing(path, header) as vol:
         if keyslot is not None:
             if keyslot not in vol.keyslots:
                 raise UsageError(f"keyslot {keyslot} is not active")
@@ -280,18 +345,18 @@ def remove_key(path: str, passphrase=None, *, keyslot=None, allow_last: bool = F
             raise UsageError(f"keyslot {slot} is the last one: removing it makes the volume "
                              "unusable (use --batch-mode to do it anyway)")
         ks = vol.keyslots[slot]
-        fd = f.fileno()
-        commit(vol, fd, _meta_without(vol.meta, slot))   # 1. forget it
-        _wipe_area(fd, ks.area_offset, ks.area_size)      # 2. then destroy it
+        commit(vol, _meta_without(vol.meta, slot))        # 1. forget it
+        _wipe_area(vol.header_device.fd, ks.area_offset, ks.area_size)   # 2. destroy it
         return slot
 
 
-def change_key(path: str, passphrase, new_passphrase, *, keyslot=None,
-               pbkdf: PbkdfOptions | None = None) -> int:
-    """Replace the passphrase of the keyslot passphrase opens (same keyslot number)."""
+def change_key(path, passphrase, new_passphrase, *, keyslot=None,
+               pbkdf: PbkdfOptions | None = None, header=None) -> int:
+    """Replace the passphrase of the keyslot passphrase opens (same keyslot number).
+    With new_passphrase = passphrase it re-wraps the key under new PBKDF parameters
+    (cryptsetup luksConvertKey)."""
     pbkdf = pbkdf or PbkdfOptions()
-    with locked(path) as f:
-        vol = load(path)
+    with changing(path, header) as vol:
         vk, slot = unlock_slot(vol, passphrase, keyslot)
         area = None
         try:
@@ -303,10 +368,10 @@ def change_key(path: str, passphrase, new_passphrase, *, keyslot=None,
             ks_obj, area = keyslot_mod.create(vk, new_passphrase, params, off, size, prio)
             meta = copy.deepcopy(vol.meta)
             meta["keyslots"][str(slot)] = ks_obj
-            fd = f.fileno()
+            fd = vol.header_device.fd
             disk.pwrite(fd, area, off)                       # 1. new area
             disk.sync(fd)
-            commit(vol, fd, meta)                            # 2. switch to it
+            commit(vol, meta)                                # 2. switch to it
             _wipe_area(fd, old.area_offset, old.area_size)   # 3. destroy the old one
             return slot
         finally:
@@ -316,14 +381,14 @@ def change_key(path: str, passphrase, new_passphrase, *, keyslot=None,
 
 # ---- tokens --------------------------------------------------------------------------
 
-def get_klcrypt_token(path: str):
-    return load(path).token(token_mod.KLCRYPT_TYPE)
+def get_klcrypt_token(path, header=None):
+    with load(path, header) as vol:
+        return vol.token(token_mod.KLCRYPT_TYPE)
 
 
-def set_klcrypt_token(path: str, settings: dict | None) -> None:
+def set_klcrypt_token(path, settings: dict | None, header=None) -> None:
     """Store klcrypt's settings token (replacing the old one); None removes it."""
-    with locked(path) as f:
-        vol = load(path)
+    with changing(path, header) as vol:
         t_id, _ = token_mod.find(vol.layout.tokens, token_mod.KLCRYPT_TYPE)
         meta = copy.deepcopy(vol.meta)
         if settings is None:
@@ -337,74 +402,107 @@ def set_klcrypt_token(path: str, settings: dict | None) -> None:
                 if t_id >= token_mod.MAX_TOKENS:
                     raise DeviceError("all token slots are in use")
             meta["tokens"][str(t_id)] = token_mod.make_klcrypt(settings)
-        commit(vol, f.fileno(), meta)
+        commit(vol, meta)
+
+
+# ---- uuid, erase ----------------------------------------------------------------------
+
+def set_uuid(path, new_uuid: str | None = None, header=None) -> str:
+    """Give the volume a new UUID (random when None) in both header copies; returns it.
+    Crash-safe like every commit: the copy with the newer seqid wins."""
+    new = _check_uuid(new_uuid) if new_uuid is not None else str(uuid_mod.uuid4())
+    with changing(path, header) as vol:
+        commit(vol, copy.deepcopy(vol.meta), uuid=new)
+    return new
+
+
+def erase(path, header=None) -> list[int]:
+    """Remove every keyslot (metadata first) and then zero the whole keyslots area
+    (cryptsetup luksErase).  The volume keeps its header but cannot be opened again.
+    Returns the removed keyslot ids."""
+    with changing(path, header) as vol:
+        slots = sorted(vol.keyslots)
+        meta = copy.deepcopy(vol.meta)
+        for s in slots:
+            meta = _meta_without(meta, s)
+        commit(vol, meta)                                          # 1. forget them
+        start = 2 * vol.hdr_size
+        fd = vol.header_device.fd
+        end = start + vol.layout.keyslots_size
+        zero = bytes(1 << 20)
+        for off in range(start, end, len(zero)):                   # 2. destroy them
+            disk.pwrite(fd, zero[:min(len(zero), end - off)], off)
+        disk.sync(fd)
+        return slots
 
 
 # ---- header backup / restore / repair -------------------------------------------------
 
-def header_backup(path: str, backup: str) -> int:
-    """Copy the metadata and keyslots areas to a new file; returns its size."""
-    vol = load(path)
-    n = 2 * vol.hdr_size + vol.layout.keyslots_size
-    try:
-        out = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
-    except FileExistsError:
-        raise UsageError(f"{backup} already exists; not overwriting it") from None
-    except OSError as e:
-        raise UsageError(f"cannot create {backup}: {e.strerror}") from None
-    ok = False
-    try:
-        with disk.open_device(path) as f:
-            done = 0
-            while done < n:
-                f.seek(done)
-                chunk = f.read(min(1 << 20, n - done))
-                if not chunk:
-                    raise DeviceError(f"{path}: short read while backing up")
-                disk._pwrite_all(out, memoryview(chunk), done)
-                done += len(chunk)
-        os.fsync(out)
-        ok = True
-    finally:
-        os.close(out)
-        if not ok:
-            os.unlink(backup)
-    b = load(backup, header_only=True)
-    if b.uuid != vol.uuid:
-        raise DeviceError("the backup does not read back as the same volume")
-    return n
+def _copy_range(src: DeviceHandle, dst_fd: int, start: int, end: int, what: str) -> None:
+    pos = start
+    while pos < end:
+        chunk = src.pread(pos, min(1 << 20, end - pos))
+        if not chunk:
+            raise DeviceError(f"{what} is truncated")
+        disk.pwrite(dst_fd, chunk, pos)
+        pos += len(chunk)
 
 
-def header_restore(path: str, backup: str) -> Volume:
-    """Write a header backup (klcrypt's or cryptsetup's) over the device's metadata."""
-    b = load(backup, header_only=True)
-    n = 2 * b.hdr_size + b.layout.keyslots_size
-    with locked(path) as f:
-        dev_size = disk.device_size(f)
-        validate(b.meta, b.hdr_size, dev_size)     # the backup must fit this device
-        fd = f.fileno()
-        with disk.open_device(backup) as src:
-            # keyslots area first, then the metadata copies (secondary, then primary):
-            # the device's old primary stays until the last write.
-            order = [(2 * b.hdr_size, n), (b.hdr_size, 2 * b.hdr_size), (0, b.hdr_size)]
-            for a, z in order:
-                pos = a
-                while pos < z:
-                    src.seek(pos)
-                    chunk = src.read(min(1 << 20, z - pos))
-                    if not chunk:
-                        raise DeviceError(f"{backup} is truncated")
-                    disk.pwrite(fd, chunk, pos)
-                    pos += len(chunk)
-                disk.sync(fd)
-    return load(path)
+def header_backup(path, backup: str, header=None) -> int:
+    """Copy the metadata and keyslots areas to a new file (0400); returns its size."""
+    with load(path, header) as vol:
+        n = 2 * vol.hdr_size + vol.layout.keyslots_size
+        try:
+            out = os.open(backup, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o400)
+        except FileExistsError:
+            raise UsageError(f"{backup} already exists; not overwriting it") from None
+        except OSError as e:
+            raise UsageError(f"cannot create {backup}: {e.strerror}") from None
+        ok = False
+        try:
+            _copy_range(vol.header_device, out, 0, n, vol.header_path)
+            disk.sync(out)
+            with DeviceHandle.from_fd(backup, out) as bh, load(bh, header_only=True) as b:
+                if b.uuid != vol.uuid:
+                    raise DeviceError("the backup does not read back as the same volume")
+            ok = True
+        finally:
+            os.close(out)
+            if not ok:
+                os.unlink(backup)
+        return n
 
 
-def repair(path: str) -> bool:
+def header_restore(path, backup, header=None) -> None:
+    """Write a header backup (klcrypt's or cryptsetup's) over the device's metadata
+    (or over the detached header)."""
+    with ExitStack() as st:
+        b = st.enter_context(load(backup, header_only=True))
+        n = 2 * b.hdr_size + b.layout.keyslots_size
+        if header is None:
+            hh = dh = st.enter_context(_own(path, write=True, exclusive=True))
+        else:
+            hh = st.enter_context(_own(header, write=True, exclusive=True))
+            dh = st.enter_context(_own(path, write=False, exclusive=False))
+        # the backup must fit this device
+        validate(b.meta, b.hdr_size, hh.size,
+                 data_device_size=None if hh is dh else dh.size)
+        fd = hh.fd
+        # keyslots area first, then the metadata copies (secondary, then primary):
+        # the device's old primary stays until the last write.
+        for a, z in [(2 * b.hdr_size, n), (b.hdr_size, 2 * b.hdr_size), (0, b.hdr_size)]:
+            _copy_range(b.header_device, fd, a, z, b.header_path)
+            disk.sync(fd)
+        hh.refresh_size()
+        with load(dh, None if hh is dh else hh):
+            pass
+
+
+def repair(path, header=None) -> bool:
     """Rewrite both metadata copies from the usable newest one; False if nothing to do."""
-    with locked(path) as f:
-        vol = load(path)
+    with changing(path, header) as vol:
         if not vol.needs_repair:
             return False
-        commit(vol, f.fileno(), copy.deepcopy(vol.meta))
+        commit(vol, copy.deepcopy(vol.meta))
     return True

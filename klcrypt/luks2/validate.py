@@ -39,10 +39,14 @@ def _section(meta: dict, name: str) -> dict:
     return v
 
 
-def validate(meta: dict, hdr_size: int, device_size: int, header_only: bool = False) -> Layout:
+def validate(meta: dict, hdr_size: int, device_size: int, header_only: bool = False,
+             data_device_size: int | None = None) -> Layout:
     """Check meta against the header and the device; DeviceError / UnsupportedError.
 
+    device_size: bytes of the device holding the metadata and keyslots.
     header_only: the file is a header backup (no data area is expected in it).
+    data_device_size: the data lives on another device of this size (a detached
+    header): the data segment is checked against it, not against the header's device.
     """
     for name in SECTIONS:
         _section(meta, name)
@@ -103,7 +107,8 @@ def validate(meta: dict, hdr_size: int, device_size: int, header_only: bool = Fa
     if len(L.segments) > 1 or 0 not in L.segments:
         raise UnsupportedError("more than one data segment (reencryption?): not supported")
     seg = L.segments[0]
-    if seg.offset < ks_end:
+    detached = data_device_size is not None
+    if not detached and seg.offset < ks_end:
         raise DeviceError(f"segment 0: data offset {seg.offset} overlaps the keyslots area "
                           f"(ends at {ks_end})")
     L.segment = seg
@@ -149,6 +154,8 @@ def validate(meta: dict, hdr_size: int, device_size: int, header_only: bool = Fa
     if header_only:
         L.data_size = seg.size or 0
     else:
+        if detached:
+            device_size = data_device_size
         if seg.offset > device_size:
             raise DeviceError(f"device is truncated: {device_size} bytes, data starts at "
                               f"{seg.offset}")

@@ -1,4 +1,5 @@
-"""A validated, read-only view of a LUKS2 volume, and unlocking it."""
+"""A validated, read-only view of a LUKS2 volume held through its open descriptors, and
+unlocking it (keyslots are read through the same descriptor the header came from)."""
 import copy
 import logging
 
@@ -6,17 +7,26 @@ from ..errors import UsageError, WrongPassphrase
 from ..secret import wipe
 from . import digest as digest_mod
 from . import disk, keyslot as keyslot_mod, token as token_mod
+from .device import DeviceHandle, open_device
 from .validate import validate
 
 log = logging.getLogger(__name__)
 
 
 class Volume:
-    """What load() returns.  Sizes and offsets in bytes unless said otherwise."""
+    """What load() returns.  Sizes and offsets in bytes unless said otherwise.
 
-    def __init__(self, path, device_size, chosen, other, layout, warnings, header_only):
-        self.path = path
-        self.device_size = device_size
+    .device is the data device, .header_device the device the metadata and keyslots
+    were read from: the same handle unless the header is detached (--header FILE).
+    Close the volume (or use it as a context manager) to release the handles it opened.
+    """
+
+    def __init__(self, device: DeviceHandle, header_device: DeviceHandle, chosen, other,
+                 layout, warnings, header_only, owned=()):
+        self.device = device
+        self.header_device = header_device
+        self.path = device.path
+        self.device_size = device.size
         self.hdr = chosen.hdr                 # binhdr.BinHeader of the copy in use
         self.meta = chosen.meta               # the JSON (treat as read-only; ops copy it)
         self.layout = layout                  # validate.Layout
@@ -25,6 +35,28 @@ class Volume:
         seqids = [chosen.hdr.seqid] + ([other.hdr.seqid] if other else [])
         self.max_seqid = max(seqids)
         self.needs_repair = bool(warnings)
+        self._owned = list(owned)
+
+    @property
+    def detached(self) -> bool:
+        """True when the header lives on another device than the data (--header)."""
+        return self.header_device is not self.device
+
+    @property
+    def header_path(self) -> str:
+        return self.header_device.path
+
+    def close(self) -> None:
+        """Close the handles load() opened (handles passed in stay with their owner)."""
+        for h in self._owned:
+            h.close()
+        self._owned = []
+
+    def __enter__(self) -> "Volume":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # --- the interface other modules use ---
     @property
@@ -86,15 +118,38 @@ class Volume:
                 f"{sorted(self.keyslots)} data_offset={self.data_offset}>")
 
 
-def load(path: str, header_only: bool = False) -> Volume:
-    """Read, check and validate the LUKS2 metadata of path."""
-    with disk.open_device(path) as f:
-        size = disk.device_size(f)
-        chosen, other, warnings = disk.read_headers(f, size, path)
-    layout = validate(chosen.meta, chosen.hdr.hdr_size, size, header_only=header_only)
-    for w in warnings:
-        log.warning("%s", w)
-    return Volume(path, size, chosen, other, layout, warnings, header_only)
+def _handle(src, write: bool, exclusive: bool, owned: list) -> DeviceHandle:
+    if isinstance(src, DeviceHandle):
+        if src.closed:
+            raise ValueError("device handle is closed")
+        return src
+    h = open_device(src, write=write, exclusive=exclusive)
+    owned.append(h)
+    return h
+
+
+def load(source, header=None, *, write: bool = False, exclusive: bool = False,
+         header_only: bool = False) -> Volume:
+    """Read, check and validate the LUKS2 metadata of source (a path, opened once here,
+    or a DeviceHandle).  header: a detached header (path or handle) holding the metadata
+    and keyslots of the data on source.  write/exclusive: how paths are opened (see
+    device.open_device).  header_only: source is a header backup (no data area)."""
+    owned: list = []
+    try:
+        dev = _handle(source, write, exclusive, owned)
+        hdev = dev if header is None else _handle(header, write, exclusive, owned)
+        if hdev is not dev and (hdev.dev, hdev.ino) == (dev.dev, dev.ino):
+            raise UsageError(f"--header {hdev.path} is the data device itself")
+        chosen, other, warnings = disk.read_headers(hdev, hdev.size, hdev.path)
+        layout = validate(chosen.meta, chosen.hdr.hdr_size, hdev.size, header_only=header_only,
+                          data_device_size=None if hdev is dev else dev.size)
+        for w in warnings:
+            log.warning("%s", w)
+        return Volume(dev, hdev, chosen, other, layout, warnings, header_only, owned)
+    except BaseException:
+        for h in owned:
+            h.close()
+        raise
 
 
 def _candidates(vol: Volume, keyslot):
@@ -114,12 +169,11 @@ def unlock_slot(vol: Volume, passphrase, keyslot=None):
     """(volume key bytearray, keyslot id) for passphrase; WrongPassphrase if none opens."""
     d = vol.layout.seg_digest
     cands = _candidates(vol, keyslot)
-    with disk.open_device(vol.path) as f:
-        for ks_id in cands:
-            key = keyslot_mod.open_keyslot(f, vol.keyslots[ks_id], passphrase)
-            if digest_mod.verify(d, key):
-                return key, ks_id
-            wipe(key)
+    for ks_id in cands:
+        key = keyslot_mod.open_keyslot(vol.header_device, vol.keyslots[ks_id], passphrase)
+        if digest_mod.verify(d, key):
+            return key, ks_id
+        wipe(key)
     raise WrongPassphrase("No key available with this passphrase.")
 
 

@@ -1,8 +1,7 @@
 """`klcrypt format DEVICE`: a new LUKS2 volume (cryptsetup luksFormat's defaults)."""
-import os
-
 from .. import luks2
 from ..luks2 import binhdr
+from ..luks2.device import open_device, open_or_create
 from ..passphrase import add_key_arguments, read_from_args
 from ..secret import wipe
 from ._luks2args import add_pbkdf_arguments, confirm, parse_size, pbkdf_from_args, progress_bar
@@ -24,27 +23,27 @@ def add_arguments(p):
                    help="write encrypted zeros over the whole data area")
 
 
-def _has_data(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError:
-        return False
-    return any(head)
-
-
 def run(args) -> int:
     dev = args.device
-    if os.path.exists(dev) and _has_data(dev):
-        what = "LUKS header" if open(dev, "rb").read(6) == binhdr.MAGIC_PRIMARY else "data"
-        confirm(f"This will overwrite the {what} on {dev} irrevocably.", args.batch_mode)
-    pw = read_from_args(args, f"Enter passphrase for {dev}: ", verify=True)
-    try:
-        luks2.format_volume(
-            dev, pw, key_size=args.key_size // 8, sector_size=args.sector_size,
-            pbkdf=pbkdf_from_args(args), label=args.label, uuid=args.uuid, size=args.size,
-            keyslot=args.key_slot or 0, wipe_data=args.wipe,
-            progress=progress_bar("Wiping") if args.wipe else None)
-    finally:
-        wipe(pw)
+    # the device is opened once, exclusively; the check, the question and the format
+    # all go through that descriptor
+    if args.size is not None:
+        h = open_or_create(dev, args.size)
+    else:
+        h = open_device(dev, write=True, exclusive=True)
+    with h:
+        head = h.pread(0, 8)
+        if any(head):
+            what = "LUKS header" if head[:6] == binhdr.MAGIC_PRIMARY else "data"
+            confirm(f"This will overwrite the {what} on {dev} irrevocably.", args.batch_mode)
+        pw = read_from_args(args, f"Enter passphrase for {dev}: ", verify=True)
+        try:
+            vol = luks2.format_volume(
+                h, pw, key_size=args.key_size // 8, sector_size=args.sector_size,
+                pbkdf=pbkdf_from_args(args), label=args.label, uuid=args.uuid, size=args.size,
+                keyslot=args.key_slot or 0, wipe_data=args.wipe,
+                progress=progress_bar("Wiping") if args.wipe else None)
+            vol.close()
+        finally:
+            wipe(pw)
     return 0
