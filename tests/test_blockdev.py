@@ -118,3 +118,43 @@ def test_unsafe_dev_dir_refused(vol, name, devdir, tmp_path):
         finally:
             blockdev.detach(lp)
             blockdev.wait_released(lp)
+
+
+def _sha(path) -> str:
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_stop_discards_and_write_zeroes_change_nothing(vol, name):
+    with maputil.mapping(vol, name) as st:
+        lp = blockdev.attach(st["file"], 4096, False, discards=True)
+        try:
+            assert blockdev.discards_advertised(lp)
+            size = blockdev.size_bytes(lp)
+            # a fresh volume reads as random bytes: no zeroed block, write-zeroes stays
+            before = _sha(vol["path"])
+            assert blockdev.find_zeroed_block(lp, 4096, size) is None
+            assert not blockdev.stop_write_zeroes(lp, 4096, size)
+            assert blockdev.write_zeroes_advertised(lp)
+            assert _sha(vol["path"]) == before
+            # one zeroed block (as a filesystem has): switched off, not a byte changed
+            os.pwrite(lp.fd, bytes(4096), 3 * 4096)
+            os.fsync(lp.fd)
+            before = _sha(vol["path"])
+            assert blockdev.find_zeroed_block(lp, 4096, size) == 3 * 4096
+            assert blockdev.stop_write_zeroes(lp, 4096, size)
+            assert not blockdev.write_zeroes_advertised(lp)
+            assert blockdev.stop_discards(lp, 4096)
+            assert not blockdev.discards_advertised(lp)
+            assert _sha(vol["path"]) == before
+            r = subprocess.run(["blkdiscard", lp.path], capture_output=True, text=True)
+            assert r.returncode != 0 and "not supported" in r.stderr
+            # a change of block size makes the driver advertise both again
+            blockdev.recompute_limits(lp, 4096)
+            assert blockdev.write_zeroes_advertised(lp)
+            assert losetup_row(lp.path)["log_sec"] == "4096"
+            assert _sha(vol["path"]) == before
+        finally:
+            blockdev.detach(lp)
+            blockdev.wait_released(lp)

@@ -13,6 +13,7 @@ a temporary name then renamed over NAME (atomic, never following a planted link)
 and removed on close only while it still points at our loop device.
 """
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -34,7 +35,12 @@ LOOP_CONTROL = "/dev/loop-control"
 LOOP_CLR_FD = 0x4C01
 LOOP_SET_CAPACITY = 0x4C07
 LOOP_CONFIGURE = 0x4C0A
+LOOP_SET_BLOCK_SIZE = 0x4C09
+LOOP_CTL_ADD = 0x4C80
 LOOP_CTL_GET_FREE = 0x4C82
+BLKDISCARD = 0x1277
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_ZERO_RANGE = 0x10
 LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 LO_FLAGS_DIRECT_IO = 16
@@ -45,6 +51,8 @@ _INFO64 = struct.Struct("=QQQQQIIII64s64s32s2Q")
 # struct loop_config: u32 fd, u32 block_size, struct loop_info64, u64 reserved[8]
 _CONFIG = struct.Struct(f"=II{_INFO64.size}s64s")
 ATTACH_TRIES = 16                     # another process may take the free device first
+PROBE_CHUNKS = 64                     # where a zeroed block is looked for (see below)
+PROBE_CHUNK = 256 << 10
 
 
 def dev_dir() -> Path:
@@ -76,10 +84,13 @@ class Loop:
             self.fd = -1
 
 
-def attach(path, sector_size: int, read_only: bool) -> Loop:
-    """A new auto-clearing direct-I/O loop device on path with sector_size logical blocks."""
+def attach(path, sector_size: int, read_only: bool, discards: bool = False) -> Loop:
+    """A new auto-clearing direct-I/O loop device on path with sector_size logical
+    blocks.  With discards, a loop device that cannot advertise them (see
+    discards_stuck_off) is passed over for the next free one."""
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
     backing_fd = os.open(path, flags | os.O_NOFOLLOW)
+    skipped: list[Loop] = []
     try:
         lo_flags = LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO | (LO_FLAGS_READ_ONLY if read_only
                                                               else 0)
@@ -100,13 +111,20 @@ def attach(path, sector_size: int, read_only: bool) -> Loop:
                         continue
                     raise errors.MountError(f"cannot attach {dev} to {path}: {e.strerror}") \
                         from None
-                return Loop(dev, fd, os.path.abspath(str(path)), read_only)
+                loop = Loop(dev, fd, os.path.abspath(str(path)), read_only)
+                if discards and not read_only and discards_stuck_off(loop):
+                    log.info("%s cannot advertise discards; taking another", dev)
+                    skipped.append(loop)              # kept bound until we are done
+                    continue
+                return loop
         finally:
             os.close(ctl)
     except OSError as e:
         raise errors.MountError(f"cannot attach a loop device to {path}: {e.strerror}") from None
     finally:
         os.close(backing_fd)
+        for lp in skipped:
+            detach(lp)
     raise errors.BusyError(f"cannot attach a loop device to {path}: every free one was taken")
 
 
@@ -185,6 +203,102 @@ def set_capacity(loop: Loop) -> int:
     except OSError as e:
         raise errors.MountError(f"cannot resize {loop.path}: {e.strerror}") from None
     return size_bytes(loop)
+
+
+# ---- discards and write-zeroes ----------------------------------------------
+#
+# What this kernel's loop driver does (measured on 6.18, drivers/block/loop.c):
+# - on a file with ->fallocate it advertises discards AND write-zeroes, and turns
+#   REQ_OP_DISCARD into fallocate(PUNCH_HOLE), REQ_OP_WRITE_ZEROES into
+#   fallocate(ZERO_RANGE) with REQ_NOUNMAP, else into fallocate(PUNCH_HOLE);
+# - when the file answers EOPNOTSUPP it stops advertising that kind for good
+#   (PUNCH_HOLE: discards; ZERO_RANGE: write-zeroes); only a change of the
+#   logical block size recomputes the limits (LOOP_SET_BLOCK_SIZE, same size is
+#   a no-op);
+# - a 0 written to queue/discard_max_bytes sticks to that loopN across detach
+#   and attach, and with the granularity at 0 nothing but 0 can be written
+#   back: never written here.
+# - a write-zeroes reaches the file only while discards are advertised (else the
+#   driver refuses it at once and the kernel writes zeros itself).
+# A punched hole in the backing reads back as the decryption of zeros, not as
+# zeros, so write-zeroes must never become a punch: with discards allowed,
+# write-zeroes is switched off first (a refused ZERO_RANGE; the kernel then
+# writes real zeros itself, as under dm-crypt, which has no write-zeroes).
+
+def _limits(loop: Loop) -> dict:
+    q = loop.sysfs / "queue"
+    return {k: int((q / k).read_text()) for k in
+            ("discard_max_bytes", "discard_max_hw_bytes", "write_zeroes_max_bytes")}
+
+
+def discards_advertised(loop: Loop) -> bool:
+    return _limits(loop)["discard_max_bytes"] > 0
+
+
+def write_zeroes_advertised(loop: Loop) -> bool:
+    return _limits(loop)["write_zeroes_max_bytes"] > 0
+
+
+def discards_stuck_off(loop: Loop) -> bool:
+    """Someone wrote 0 to this loopN's discard_max_bytes: it cannot advertise discards."""
+    lim = _limits(loop)
+    return lim["discard_max_hw_bytes"] > 0 and lim["discard_max_bytes"] == 0
+
+
+def stop_discards(loop: Loop, sector_size: int) -> bool:
+    """Make the device stop advertising discards: one discard of the first block,
+    which the data plane must refuse (EOPNOTSUPP, nothing changes).  True when off."""
+    if discards_advertised(loop) and not loop.read_only:
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(loop.fd, BLKDISCARD, struct.pack("QQ", 0, sector_size))
+    return not discards_advertised(loop)
+
+
+def recompute_limits(loop: Loop, sector_size: int) -> None:
+    """Let the loop driver advertise what its file supports again (after a refusal):
+    set the logical block size to 512 and back (a 512 stop lets every I/O of the
+    real size through; a 512-byte-sector device goes by 1024, so only while
+    nothing else has it open)."""
+    other = 512 if sector_size != 512 else 1024
+    try:
+        fcntl.ioctl(loop.fd, LOOP_SET_BLOCK_SIZE, other)
+        fcntl.ioctl(loop.fd, LOOP_SET_BLOCK_SIZE, sector_size)
+    except OSError as e:
+        raise errors.MountError(f"cannot reconfigure {loop.path}: {e.strerror}") from None
+
+
+def find_zeroed_block(loop: Loop, sector_size: int, size: int) -> int | None:
+    """The offset of a block that reads as zeros, looked for in PROBE_CHUNKS spread
+    over the device (a fresh filesystem has many: journal, inode tables)."""
+    step = max(size // PROBE_CHUNKS, PROBE_CHUNK)
+    zero = bytes(sector_size)
+    for start in list(range(0, size, step)) + [max(0, size - PROBE_CHUNK)]:
+        start -= start % sector_size
+        data = os.pread(loop.fd, min(PROBE_CHUNK, size - start), start)
+        for off in range(0, len(data) - sector_size + 1, sector_size):
+            if data[off:off + sector_size] == zero:
+                return start + off
+    return None
+
+
+def stop_write_zeroes(loop: Loop, sector_size: int, size: int) -> bool:
+    """Make the device stop advertising write-zeroes without changing a byte: a
+    ZERO_RANGE (which the data plane refuses) on a block that already reads as
+    zeros; the kernel's fallback then writes the same zeros again, so the
+    ciphertext stays identical.  Call it while discards are advertised and
+    nothing else writes to the device.  True when off; False when no such block
+    was found (write-zeroes then stays on: discards must not be allowed)."""
+    if not write_zeroes_advertised(loop):
+        return True
+    if loop.read_only:
+        return False
+    at = find_zeroed_block(loop, sector_size, size)
+    if at is None:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+    libc.fallocate(loop.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, at, sector_size)
+    return not write_zeroes_advertised(loop)
 
 
 # ---- /dev/klcrypt/NAME -----------------------------------------------------
