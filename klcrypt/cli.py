@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from . import __version__
 from .errors import KlcryptError
 from .exitcodes import DESCRIPTIONS, ExitCode
+from .printable import LogFormatter, escape
 
 
 @dataclass(frozen=True)
@@ -77,15 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)   # argparse exits 2 on bad usage; remapped below
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogFormatter("klcrypt: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="klcrypt: %(message)s")
+                        handlers=[handler])
     try:
         rc = args._run(args)
         return int(rc or 0)
     except KlcryptError as e:
         if args.debug:
             raise
-        print(f"klcrypt: {e}", file=sys.stderr)
+        print(f"klcrypt: {escape(e)}", file=sys.stderr)
         return int(e.exit_code)
     except KeyboardInterrupt:
         print("klcrypt: interrupted", file=sys.stderr)

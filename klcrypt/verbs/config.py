@@ -2,6 +2,7 @@
 kept in the volume's LUKS2 token of type "klcrypt" (like cryptsetup config)."""
 from .. import luks2
 from ..errors import UsageError
+from ..printable import escape
 from ..restore.modes import CHOICES as RESTORE_MODES
 
 
@@ -20,7 +21,7 @@ def run(args) -> int:
         if not shown:
             print(f"{args.device}: no klcrypt defaults")
         for k, v in sorted(shown.items()):
-            print(f"{k}: {v}")
+            print(f"{escape(k)}: {escape(v)}")
         return 0
     if args.restore_mode == "none":
         token.pop("restore_mode", None)

@@ -10,6 +10,7 @@ import sys
 from .. import luks2
 from ..errors import UsageError, WrongPassphrase
 from ..passphrase import add_key_arguments, read_from_args
+from ..printable import escape
 from ..mapping import api as mapping_api
 from ..mapping.cli import add_mapping_arguments, options_from_args
 from ..secret import wipe
@@ -72,6 +73,6 @@ def _open_mapping(args, vol) -> int:
         wipe(key)
     restore = (st or {}).get("restore") or {}
     if restore.get("mode"):
-        print(f"klcrypt: {opts.name}: restore mode {restore['mode']}: {restore.get('reason')}",
-              file=sys.stderr)
+        print(f"klcrypt: {opts.name}: restore mode {escape(restore['mode'])}: "
+              f"{escape(restore.get('reason'))}", file=sys.stderr)
     return 0
