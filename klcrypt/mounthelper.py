@@ -10,6 +10,13 @@ closes itself when the filesystem it mounted on DIR goes away.
 
 Exit codes follow mount(8), which hands them on to its caller: 0 success,
 1 incorrect invocation, 32 mount failure (the one-line message says why).
+
+SPEC and DIR are always the first two arguments (mount(8) passes them first) and
+are never read as options; `-o` is split at commas outside double quotes, as
+libmount does (`keyfile="/etc/a,b.key"`); klcrypt's own option values are
+unquoted, must not start with '-', and name= is checked like `klcrypt open`
+checks names.  The `klcrypt open` command line binds every value to its flag
+(`--key-file=V`) and puts SPEC and NAME after `--`.
 """
 import os
 import re
@@ -19,6 +26,8 @@ from dataclasses import dataclass, field
 
 from . import errors
 from .exitcodes import ExitCode
+from .mapping.system import check_name
+from .printable import escape
 
 PROG = "mount.klcrypt"
 
@@ -85,13 +94,47 @@ def name_for(directory: str) -> str:
     return name
 
 
+def split_options(optstr: str) -> list[str]:
+    """Split a mount option string at commas outside double quotes (libmount's
+    rule; the quotes stay in the item); empty items are dropped."""
+    items, cur, quoted = [], [], False
+    for c in optstr:
+        if c == '"':
+            quoted = not quoted
+        if c == "," and not quoted:
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+    if quoted:
+        raise HelperUsage(f"unbalanced double quote in options {optstr!r}")
+    items.append("".join(cur))
+    return [i for i in items if i]
+
+
+def _value(key: str, val: str) -> str:
+    """An option value for klcrypt: one pair of enclosing double quotes removed;
+    empty, a stray quote or a leading '-' (it would read as an option) refused."""
+    if len(val) >= 2 and val[0] == '"' and val[-1] == '"':
+        val = val[1:-1]
+    if not val:
+        raise HelperUsage(f"option {key}= needs a value")
+    if '"' in val:
+        raise HelperUsage(f"option {key}=: a double quote must enclose the whole value")
+    if val.startswith("-"):
+        raise HelperUsage(f"option {key}={val!r}: a value may not start with '-'")
+    return val
+
+
 def parse_argv(argv: list[str]) -> Request:
-    """Parse mount(8)'s helper calling convention (options may follow SPEC DIR)."""
-    positional: list[str] = []
+    """Parse mount(8)'s helper calling convention: SPEC DIR first, then options."""
+    if len(argv) < 2 or argv[0] in ("-h", "--help"):
+        raise HelperUsage(usage())
+    spec, directory = argv[0], argv[1]
     opts: list[str] = []
     fake = verbose = False
     subtype = None
-    i = 0
+    i = 2
     while i < len(argv):
         a = argv[i]
         if a in ("-o", "-t", "-N"):
@@ -99,7 +142,7 @@ def parse_argv(argv: list[str]) -> Request:
                 raise HelperUsage(f"option {a} needs an argument")
             val = argv[i + 1]
             if a == "-o":
-                opts += [o for o in val.split(",") if o]
+                opts += split_options(val)
             elif a == "-t":
                 typ, _, sub = val.partition(".")
                 if typ != "klcrypt":
@@ -110,7 +153,7 @@ def parse_argv(argv: list[str]) -> Request:
             i += 2
             continue
         if a.startswith("-o") and len(a) > 2:
-            opts += [o for o in a[2:].split(",") if o]
+            opts += split_options(a[2:])
         elif a.startswith("-") and len(a) > 1:
             for ch in a[1:]:
                 if ch == "f":
@@ -124,24 +167,28 @@ def parse_argv(argv: list[str]) -> Request:
                 else:
                     raise HelperUsage(f"unknown option -{ch}")
         else:
-            positional.append(a)
+            raise HelperUsage(f"unexpected argument {a!r}: SPEC and DIR come first\n"
+                              + usage())
         i += 1
-    if len(positional) != 2:
+    if not spec or not directory:
         raise HelperUsage(usage())
-    spec, directory = positional
     req = Request(spec=spec, directory=os.path.abspath(directory), name="",
                   fake=fake, verbose=verbose)
     name = None
     for o in opts:
         key, eq, val = o.partition("=")
+        if o.startswith("-"):
+            raise HelperUsage(f"option {o!r} may not start with '-'")
         if key in KLCRYPT_OPTIONS:
-            if not eq or not val:
+            if not eq:
                 raise HelperUsage(f"option {key}= needs a value")
-            req.klcrypt[key] = val
+            req.klcrypt[key] = _value(key, val)
         elif key == "name":
-            if not val:
-                raise HelperUsage("option name= needs a value")
-            name = val
+            name = _value(key, val)
+            try:
+                check_name(name)
+            except errors.UsageError as e:
+                raise HelperUsage(f"option name=: {e}") from None
         elif o == "ro":
             req.read_only = True
         elif o == "rw":
@@ -152,15 +199,18 @@ def parse_argv(argv: list[str]) -> Request:
             pass
         else:
             req.fs_options.append(o)
-    if subtype and "fstype" not in req.klcrypt:
-        req.klcrypt["fstype"] = subtype
+    if subtype:
+        if subtype.startswith("-"):
+            raise HelperUsage(f"-t klcrypt.{subtype!r}: a type may not start with '-'")
+        req.klcrypt.setdefault("fstype", subtype)
     req.name = name or name_for(req.directory)
     return req
 
 
 def usage() -> str:
     return (f"usage: {PROG} DEVICE DIR [-sfnv] [-o OPTIONS] [-t klcrypt[.FSTYPE]]\n"
-            "options: keyfile=F, fstype=T, name=N, engine=E, keylocker=K, restore-mode=M, "
+            'options (a value may be double-quoted: keyfile="/a,b"; none may start '
+            "with '-'): keyfile=F, fstype=T, name=N, engine=E, keylocker=K, restore-mode=M, "
             "lock-timeout=S, "
             "keyfile-size=B, keyfile-offset=B, key-slot=S, threads=N, ro, nofail; "
             "anything else goes to the inner filesystem")
@@ -178,18 +228,21 @@ def _open_options() -> set[str]:
 
 
 def open_argv(req: Request, have: set[str]) -> list[str]:
-    """The `klcrypt open` command line for a request; refuses options this build lacks."""
-    argv = ["open", req.spec, req.name, "--mount", req.directory]
+    """The `klcrypt open` command line for a request; refuses options this build lacks.
+    Every value is bound to its flag (--flag=VALUE) and SPEC NAME follow `--`, so
+    no value and no positional can be read as an option."""
+    argv = ["open", f"--mount={req.directory}"]
     for key, val in req.klcrypt.items():
         flag = KLCRYPT_OPTIONS[key]
         if flag not in have:
             raise HelperUsage(f"option {key}= is not supported by this klcrypt "
                               f"(klcrypt open has no {flag})")
-        argv += [flag, val]
+        argv.append(f"{flag}={val}")
     if req.read_only:
         argv.append("--read-only")
     if req.fs_options:
-        argv += ["--mount-options", ",".join(req.fs_options)]
+        argv.append(f"--mount-options={','.join(req.fs_options)}")
+    argv += ["--", req.spec, req.name]
     if req.verbose:
         argv.insert(0, "--verbose")
     return argv
@@ -245,10 +298,10 @@ def entry() -> None:
     try:
         rc = run(sys.argv[1:])
     except HelperUsage as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        print(f"{PROG}: {e}", file=sys.stderr)     # usage() spans lines; values are repr()
         rc = MOUNT_USAGE
     except errors.KlcryptError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        print(f"{PROG}: {escape(e)}", file=sys.stderr)
         rc = MOUNT_FAILURE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

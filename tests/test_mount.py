@@ -3,6 +3,7 @@ mount(8)/umount(8) commands on a temporary fstab (interop): mount -a, mount DIR,
 umount DIR tearing everything down, nofail, ro, a second mount -a."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -49,9 +50,32 @@ def test_parse_helper_convention():
     assert r.verbose and not r.fake and r.nofail and not r.read_only
     assert r.klcrypt == {"keyfile": "/etc/k", "fstype": "ext4", "engine": "aesni"}
     assert r.fs_options == ["noatime", "nodev"]
-    r = mh.parse_argv(["-o", "ro", "-f", "img", "d", "-t", "klcrypt.xfs"])
+    r = mh.parse_argv(["img", "d", "-o", "ro", "-f", "-t", "klcrypt.xfs"])
     assert r.read_only and r.fake and r.klcrypt == {"fstype": "xfs"}
     assert r.name == mh.name_for(os.path.abspath("d"))
+
+
+@pytest.mark.unit
+def test_spec_and_dir_are_never_options():
+    """mount(8) passes SPEC DIR first: they stay positionals whatever they look like."""
+    r = mh.parse_argv(["--test-passphrase", "-f", "-o", "keyfile=/k"])
+    assert (r.spec, r.directory, r.fake) == ("--test-passphrase", os.path.abspath("-f"), False)
+    argv = mh.open_argv(r, {"--key-file"})
+    assert argv[-3:] == ["--", "--test-passphrase", r.name]
+    with pytest.raises(mh.HelperUsage, match="SPEC and DIR come first"):
+        mh.parse_argv(["-o", "ro", "img", "d"])
+
+
+@pytest.mark.unit
+def test_quoted_values_split_as_libmount_does():
+    r = mh.parse_argv(["dev", "/d", "-o",
+                       'keyfile="/etc/a,b.key",fstype=ext4,context="u:r:t:s0,c1",noatime'])
+    assert r.klcrypt == {"keyfile": "/etc/a,b.key", "fstype": "ext4"}
+    assert r.fs_options == ['context="u:r:t:s0,c1"', "noatime"]     # passed on as written
+    assert mh.open_argv(r, {"--key-file", "--fstype"}) == [
+        "open", "--mount=/d", "--key-file=/etc/a,b.key", "--fstype=ext4",
+        '--mount-options=context="u:r:t:s0,c1",noatime', "--", "dev", "d"]
+    assert mh.split_options('a,"b,c",,d=",",') == ["a", '"b,c"', 'd=","']
 
 
 @pytest.mark.unit
@@ -63,6 +87,20 @@ def test_parse_helper_convention():
     ["a", "b", "-o", "keyfile="],
     ["a", "b", "-x"],
     ["a", "b", "-o"],
+    ["a", "b", "-o", "name=--test-passphrase"],
+    ["a", "b", "-o", "name=-x"],
+    ["a", "b", "-o", "name=.."],
+    ["a", "b", "-o", "name=a/b"],
+    ["a", "b", "-o", "name=.json"],
+    ["a", "b", "-o", "keyfile=-"],
+    ["a", "b", "-o", "keyfile=--key-slot=1"],
+    ["a", "b", "-o", 'fstype="-t"'],
+    ["a", "b", "-o", "-x"],
+    ["a", "b", "-o", 'keyfile="/a,b'],
+    ["a", "b", "-o", 'keyfile=/a"b"'],
+    ["a", "b", "-o", 'keyfile=""'],
+    ["a", "b", "-t", "klcrypt.-x"],
+    ["-o", "ro", "a", "b"],
 ])
 def test_parse_rejects(argv):
     with pytest.raises(mh.HelperUsage):
@@ -73,9 +111,9 @@ def test_parse_rejects(argv):
 def test_open_argv_and_missing_option():
     r = mh.parse_argv(["dev", "/d", "-o", "ro,keyfile=/k,noatime,engine=openssl"])
     have = {"--key-file", "--engine", "--fstype"}
-    assert mh.open_argv(r, have) == ["open", "dev", "d", "--mount", "/d", "--key-file", "/k",
-                                     "--engine", "openssl", "--read-only",
-                                     "--mount-options", "noatime"]
+    assert mh.open_argv(r, have) == ["open", "--mount=/d", "--key-file=/k",
+                                     "--engine=openssl", "--read-only",
+                                     "--mount-options=noatime", "--", "dev", "d"]
     r = mh.parse_argv(["dev", "/d", "-o", "restore-mode=paravirt_any"])
     with pytest.raises(mh.HelperUsage, match="restore-mode"):
         mh.open_argv(r, have)
@@ -377,4 +415,62 @@ def test_lazy_umount_with_a_file_open_tears_down_when_released(tmp_path, ext4_vo
         f.flush()
     finally:
         f.close()
+    assert _wait_gone(st, img, mountpoint) == []
+
+
+def _helper_bin(helper_type):
+    return f"/sbin/mount.{helper_type}"
+
+
+@pytest.mark.interop
+def test_name_option_that_looks_like_a_flag_is_refused(tmp_path, ext4_volume, helper_type,
+                                                       mountpoint):
+    """name=--test-passphrase used to become `klcrypt open SPEC --test-passphrase`: mount
+    said success and nothing was mounted.  Now: refused like `open` refuses the name."""
+    img, key = ext4_volume
+    for bad in ("--test-passphrase", "-v", "..", "a/b"):
+        r = _mount("-t", helper_type, "-o", f"keyfile={key},name={bad}", str(img),
+                   str(mountpoint))
+        assert r.returncode == mh.MOUNT_USAGE, (bad, r.stderr)
+        assert "name" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert not system.find_mount(mountpoint)
+    r = _mount("-t", helper_type, "-o", f"keyfile=-{key}", str(img), str(mountpoint))
+    assert r.returncode == mh.MOUNT_USAGE and "may not start with '-'" in r.stderr, r.stderr
+    assert not system.find_mount(mountpoint)
+
+
+@pytest.mark.interop
+def test_quoted_key_file_with_a_comma(tmp_path, ext4_volume, helper_type, mountpoint):
+    """-o 'keyfile="/path/a,b.key",fstype=ext4': the quoted value keeps its comma."""
+    img, key = ext4_volume
+    odd = tmp_path / "a,b.key"
+    odd.write_bytes(key.read_bytes())
+    r = _mount("-t", helper_type, "-o", f'keyfile="{odd}",fstype=ext4,noatime', str(img),
+               str(mountpoint))
+    assert r.returncode == 0, r.stderr
+    m = system.find_mount(mountpoint)
+    assert m and m.fstype == "ext4" and "noatime" in m.options.split(",")
+    st = _state_for(mountpoint)
+    r = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert _wait_gone(st, img, mountpoint) == []
+
+
+@pytest.mark.interop
+def test_spec_that_starts_with_dashes_is_a_device(tmp_path, ext4_volume, helper_type,
+                                                  mountpoint):
+    """mount(8) calls `mount.klcrypt SPEC DIR -o ...`: a device file named
+    --test-passphrase is the device, not an option of the helper or of klcrypt open."""
+    img, key = ext4_volume
+    work = tmp_path / "cwd"
+    work.mkdir()
+    shutil.copyfile(img, work / "--test-passphrase")
+    r = subprocess.run([_helper_bin(helper_type), "--test-passphrase", str(mountpoint),
+                        "-o", f"keyfile={key}"], cwd=work, capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert system.find_mount(mountpoint).fstype == "ext4"
+    st = _state_for(mountpoint)
+    r = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     assert _wait_gone(st, img, mountpoint) == []
