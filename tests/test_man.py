@@ -24,7 +24,7 @@ MAN = os.path.join(ROOT, "man")
 KLCRYPT8 = os.path.join(MAN, "klcrypt.8")
 MOUNT8 = os.path.join(MAN, "mount.klcrypt.8")
 # shared option sections: a verb section that names one (any case) includes it
-GROUPS = ("KEY INPUT OPTIONS", "PBKDF OPTIONS", "MAPPING OPTIONS")
+GROUPS = ("KEY INPUT OPTIONS", "PBKDF OPTIONS", "MAPPING OPTIONS", "HEADER OPTIONS")
 
 
 def plain(text: str) -> str:

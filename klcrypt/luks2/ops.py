@@ -49,18 +49,24 @@ class PbkdfOptions:
 
 
 @contextmanager
-def changing(path, header=None):
-    """The volume for a change: the header's device opened once, read-write and
-    exclusive (BusyError while another klcrypt process holds it), the header read
-    through it.  With a detached header the data device is opened read-only."""
+def open_for_change(path, header=None):
+    """(data handle, detached header handle or None) for a change: the device holding
+    the header opened once, read-write and exclusive (BusyError while another klcrypt
+    process holds it); with a detached header the data device is opened read-only.
+    Handles passed in are used as they are."""
     with ExitStack() as st:
         if header is None:
-            h = st.enter_context(_own(path, write=True, exclusive=True))
-            vol = st.enter_context(load(h))
+            yield st.enter_context(_own(path, write=True, exclusive=True)), None
         else:
             hh = st.enter_context(_own(header, write=True, exclusive=True))
             dh = st.enter_context(_own(path, write=False, exclusive=False))
-            vol = st.enter_context(load(dh, hh))
+            yield dh, hh
+
+
+@contextmanager
+def changing(path, header=None):
+    """The volume for a change, read through the handles of open_for_change()."""
+    with open_for_change(path, header) as (dh, hh), load(dh, hh) as vol:
         yield vol
 
 
@@ -152,14 +158,12 @@ def format_volume(path, passphrase, *, key_size: int = 64, sector_size: int | No
         raise UsageError(f"keyslot {keyslot} is out of range")
     if size is not None and size <= 0:
         raise UsageError("--size must be positive")
-    ks_end = 2 * HDR_SIZE + KEYSLOTS_SIZE
     if data_offset is None:
         data_offset = DATA_OFFSET if header is None else 0
-    if data_offset % 4096 or data_offset < 0:
-        raise UsageError("the data offset must be a multiple of 4096 bytes")
-    if header is None and data_offset < ks_end:
-        raise UsageError(f"the data offset must be at least {ks_end} bytes (after the "
-                         "header), or use a detached --header")
+    if header is None and data_offset == 0:
+        raise UsageError("a data offset of 0 needs a detached --header")
+    keyslots_size = keyslots_size_for(data_offset, key_size)
+    ks_end = 2 * HDR_SIZE + keyslots_size
     with ExitStack() as st:
         opened = []
 
@@ -225,7 +229,7 @@ def format_volume(path, passphrase, *, key_size: int = 64, sector_size: int | No
                                    "sector_size": sector_size}},
                 "digests": {"0": dg},
                 "config": {"json_size": str(HDR_SIZE - binhdr.BIN_SIZE),
-                           "keyslots_size": str(KEYSLOTS_SIZE)},
+                           "keyslots_size": str(keyslots_size)},
             }
             validate(meta, HDR_SIZE, hh.size,
                      data_device_size=None if hh is dh else dev_size)
@@ -246,6 +250,25 @@ def format_volume(path, passphrase, *, key_size: int = 64, sector_size: int | No
         vol._owned = list(opened)
         opened.clear()          # the volume keeps them
         return vol
+
+
+def keyslots_size_for(data_offset: int, key_size: int = 64) -> int:
+    """The keyslots area for a data offset (bytes), as cryptsetup sizes it: the default
+    16 MiB layout, shrunk to end at a smaller non-zero data offset."""
+    if data_offset % 4096 or data_offset < 0:
+        raise UsageError("the data offset must be a multiple of 4096 bytes (8 sectors)")
+    if data_offset == 0 or data_offset >= DATA_OFFSET:
+        return KEYSLOTS_SIZE
+    size = data_offset - 2 * HDR_SIZE
+    if size < keyslot_mod.area_alloc_size(key_size):
+        raise UsageError(f"a data offset of {data_offset} bytes leaves no room for a keyslot "
+                         "after the header")
+    return size
+
+
+def header_file_size(data_offset: int, key_size: int = 64) -> int:
+    """Bytes of a detached header file for a data offset (metadata and keyslots)."""
+    return 2 * HDR_SIZE + keyslots_size_for(data_offset, key_size)
 
 
 def _close_unless_kept(handles: list) -> None:

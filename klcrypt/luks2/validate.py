@@ -108,7 +108,9 @@ def validate(meta: dict, hdr_size: int, device_size: int, header_only: bool = Fa
         raise UnsupportedError("more than one data segment (reencryption?): not supported")
     seg = L.segments[0]
     detached = data_device_size is not None
-    if not detached and seg.offset < ks_end:
+    # The data follows the keyslots area; offset 0 is only possible with a detached
+    # header (cryptsetup's rule: a non-zero offset never lies inside the keyslots area).
+    if seg.offset < ks_end and (seg.offset or not (detached or header_only)):
         raise DeviceError(f"segment 0: data offset {seg.offset} overlaps the keyslots area "
                           f"(ends at {ks_end})")
     L.segment = seg

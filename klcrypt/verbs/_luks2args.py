@@ -5,7 +5,7 @@ import sys
 
 from ..errors import UsageError
 from ..luks2 import PbkdfOptions
-from ..passphrase import stdin_is_tty
+from ..passphrase import read_passphrase, stdin_is_tty
 
 _SIZE = re.compile(r"(\d+)([KMGTkmgt]?)(i?[Bb]?)\Z")
 
@@ -72,3 +72,25 @@ def progress_bar(label: str):
             sys.stderr.write("\n")
         sys.stderr.flush()
     return cb
+
+
+def add_header_argument(p) -> None:
+    p.add_argument("--header", metavar="FILE",
+                   help="detached LUKS2 header (as cryptsetup --header): the metadata and "
+                        "keyslots are in FILE, DEVICE holds only the encrypted data")
+
+
+def add_volume_key_file_argument(p, what: str) -> None:
+    p.add_argument("--volume-key-file", metavar="FILE", help=what)
+
+
+def read_volume_key_file(path: str, key_bytes: int) -> bytearray:
+    """The first key_bytes bytes of path (cryptsetup --volume-key-file); wipe it."""
+    try:
+        return read_passphrase(key_file=path, keyfile_size=key_bytes, keyfile_offset=None,
+                               prompt="")
+    except UsageError as e:
+        if "cannot read" in str(e):
+            raise UsageError(f"cannot read {key_bytes} bytes from volume key file "
+                             f"{path}") from None
+        raise

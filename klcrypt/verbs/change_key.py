@@ -4,7 +4,7 @@ from .. import luks2
 from ..errors import UsageError
 from ..passphrase import add_key_arguments, read_from_args, read_passphrase
 from ..secret import wipe
-from ._luks2args import add_pbkdf_arguments, pbkdf_from_args
+from ._luks2args import add_header_argument, add_pbkdf_arguments, pbkdf_from_args
 
 
 def add_arguments(p):
@@ -13,22 +13,25 @@ def add_arguments(p):
                    help="the new passphrase from this file ('-' = stdin); default: ask")
     add_key_arguments(p, new=True)
     add_pbkdf_arguments(p)
+    add_header_argument(p)
 
 
 def run(args) -> int:
     if args.key_file == "-" and args.new_key_file == "-":
         raise UsageError("only one of the old and the new key can come from stdin")
-    luks2.load(args.device)
-    old = read_from_args(args, "Enter passphrase to be changed: ")
-    new = None
-    try:
-        new = read_passphrase(args.new_key_file, args.new_keyfile_size, args.new_keyfile_offset,
-                              "Enter new passphrase: ", verify=True)
-        slot = luks2.change_key(args.device, old, new, keyslot=args.key_slot,
-                                pbkdf=pbkdf_from_args(args))
-    finally:
-        wipe(old)
-        wipe(new)
+    with luks2.open_for_change(args.device, args.header) as (dev, hdr):
+        luks2.load(dev, hdr).close()
+        old = new = None
+        try:
+            old = read_from_args(args, "Enter passphrase to be changed: ")
+            new = read_passphrase(args.new_key_file, args.new_keyfile_size,
+                                  args.new_keyfile_offset, "Enter new passphrase: ",
+                                  verify=True)
+            slot = luks2.change_key(dev, old, new, keyslot=args.key_slot,
+                                    pbkdf=pbkdf_from_args(args), header=hdr)
+        finally:
+            wipe(old)
+            wipe(new)
     if args.verbose:
         print(f"Key slot {slot} changed.")
     return 0

@@ -1,19 +1,34 @@
 """`klcrypt dump DEVICE [--json]`: the LUKS2 header in a human view (like
-cryptsetup luksDump) or as JSON.  Never prints key material (salts and digests
-are not keys).  Every string taken from the header goes through
-printable.escape (text) or JSON's own escaping (--json): a header cannot send
-control characters to the terminal."""
+cryptsetup luksDump) or as JSON.  Prints no key material (salts and digests are not
+keys) -- except the volume key itself with --dump-volume-key, which needs a passphrase
+and an explicit confirmation (cryptsetup's luksDump --dump-volume-key).  Every string
+taken from the header goes through printable.escape (text) or JSON's own escaping
+(--json): a header cannot send control characters to the terminal."""
 import json
+import os
+import sys
 
 from .. import luks2
+from ..errors import UsageError
 from ..luks2 import kdf as kdf_mod
 from ..luks2.keyslot import PRIORITIES
+from ..passphrase import add_key_arguments, read_from_args
 from ..printable import escape as e
+from ..secret import wipe
+from ._luks2args import add_header_argument, confirm
 
 
 def add_arguments(p):
     p.add_argument("device", metavar="DEVICE")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_header_argument(p)
+    p.add_argument("--dump-volume-key", action="store_true",
+                   help="print the volume key (needs a passphrase and a confirmation: "
+                        "anyone with it can read the volume without a passphrase)")
+    p.add_argument("--volume-key-file", metavar="FILE",
+                   help="with --dump-volume-key: write the key to FILE (created, 0400) "
+                        "instead of printing it")
+    add_key_arguments(p)
 
 
 def _hex(b: bytes, indent: str) -> str:
@@ -71,14 +86,7 @@ def to_text(vol) -> str:
                 f"\tArea length:{ks.area_size} [bytes]",
                 f"\tDigest ID:  {ks_digest.get(ks.id, '(unbound)')}"]
     out.append("Tokens:")
-    for t in sorted(L.tokens.values(), key=lambda t: t.id):
-        out.append(f"  {t.id}: {e(t.type)}")
-        if t.type == "klcrypt":
-            for key in sorted(t.obj):
-                if key not in ("type", "keyslots"):
-                    out.append(f"\t{e(key)}: {e(t.obj[key])}")
-        if t.keyslots:
-            out.append(f"\tKeyslot:    {', '.join(str(k) for k in t.keyslots)}")
+    out += token_lines(L.tokens)
     out.append("Digests:")
     for d in sorted(L.digests.values(), key=lambda d: d.id):
         out += [f"  {d.id}: pbkdf2", f"\tHash:       {e(d.hash)}",
@@ -88,10 +96,85 @@ def to_text(vol) -> str:
     return "\n".join(out)
 
 
+def token_lines(tokens: dict) -> list[str]:
+    """Each token as cryptsetup shows it: "  N: type", its fields (luks2-keyring's key
+    description; other types' fields, non-strings as compact JSON; all escaped), then one
+    "Keyslot:" line per keyslot."""
+    out = []
+    for t in sorted(tokens.values(), key=lambda t: t.id):
+        out.append(f"  {t.id}: {e(t.type)}")
+        for key, val in t.obj.items():
+            if key in ("type", "keyslots"):
+                continue
+            if t.type == "luks2-keyring" and key == "key_description" and isinstance(val, str):
+                out.append(f"\tKey description: {e(val)}")
+            else:
+                shown = val if isinstance(val, str) else json.dumps(val, separators=(",", ":"))
+                out.append(f"\t{e(key)}: {e(shown)}")
+        for k in t.keyslots:
+            out.append(f"\tKeyslot:    {k}")
+    return out
+
+
+VOLUME_KEY_WARNING = ("The header dump with volume key is sensitive information that allows "
+                      "access to the encrypted data without a passphrase. This dump should "
+                      "be stored encrypted in a safe place.")
+
+
+def volume_key_text(vol, key) -> str:
+    """cryptsetup's luksDump --dump-volume-key layout (key bytes in hex, 16 per line)."""
+    rows = [" ".join(f"{b:02x}" for b in key[i:i + 16]) + " " for i in range(0, len(key), 16)]
+    return "\n".join([f"LUKS header information for {e(vol.header_path)}",
+                      "Cipher name:   \taes",
+                      "Cipher mode:   \txts-plain64",
+                      f"Payload offset:\t{vol.data_offset // 512}",
+                      f"UUID:          \t{e(vol.uuid)}",
+                      f"MK bits:       \t{len(key) * 8}",
+                      "MK dump:\t" + "\n\t\t".join(rows)]) + "\n"
+
+
+def _dump_volume_key(args, vol) -> int:
+    confirm(VOLUME_KEY_WARNING, args.batch_mode)
+    pw = read_from_args(args, f"Enter passphrase for {vol.header_path}: ")
+    try:
+        key = luks2.unlock(vol, pw, args.key_slot)
+    finally:
+        wipe(pw)
+    try:
+        if args.volume_key_file is not None:
+            try:
+                fd = os.open(args.volume_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                             | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)
+            except OSError as e:
+                raise UsageError(f"cannot create {args.volume_key_file}: {e.strerror}") from None
+            try:
+                mv = memoryview(key)
+                done = 0
+                while done < len(mv):
+                    done += os.write(fd, mv[done:])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            print(f"Volume key of {vol.header_path} written to {args.volume_key_file}.",
+                  file=sys.stderr)
+        else:
+            sys.stdout.write(volume_key_text(vol, key))
+            sys.stdout.flush()
+    finally:
+        wipe(key)
+    return 0
+
+
 def run(args) -> int:
-    vol = luks2.load(args.device)
-    if args.json:
-        print(json.dumps(to_json(vol), indent=2))
-    else:
-        print(to_text(vol))
+    if args.volume_key_file is not None and not args.dump_volume_key:
+        raise UsageError("--volume-key-file needs --dump-volume-key")
+    if args.dump_volume_key and args.json:
+        raise UsageError("--dump-volume-key and --json exclude each other")
+    with luks2.load(args.device, args.header) as vol:
+        if args.dump_volume_key:
+            return _dump_volume_key(args, vol)
+        if args.json:
+            print(json.dumps(to_json(vol), indent=2))
+        else:
+            print(to_text(vol))
     return 0

@@ -9,11 +9,13 @@ import sys
 
 from .. import luks2
 from ..errors import UsageError, WrongPassphrase
+from ..luks2 import digest as digest_mod
 from ..passphrase import add_key_arguments, read_from_args
 from ..printable import escape
 from ..mapping import api as mapping_api
 from ..mapping.cli import add_mapping_arguments, options_from_args
 from ..secret import wipe
+from ._luks2args import add_header_argument, add_volume_key_file_argument, read_volume_key_file
 
 DEFAULT_TRIES = 3
 
@@ -26,11 +28,29 @@ def add_arguments(p):
     p.add_argument("-T", "--tries", type=int, default=DEFAULT_TRIES,
                    help="passphrase attempts on a terminal (default 3)")
     add_key_arguments(p)
+    add_header_argument(p)
+    add_volume_key_file_argument(p, "open with the volume key in FILE instead of a keyslot "
+                                    "(checked against the volume's digest)")
     add_mapping_arguments(p)
 
 
+def volume_key_from_file(path: str, vol) -> bytearray:
+    """The volume key in path (cryptsetup --volume-key-file), verified against the digest."""
+    if vol.key_size is None:
+        raise UsageError("the volume has no keyslot, so its key size is unknown; "
+                         "--volume-key-file cannot be checked")
+    key = read_volume_key_file(path, vol.key_size)
+    if not digest_mod.verify(vol.layout.seg_digest, key):
+        wipe(key)
+        raise WrongPassphrase("Volume key does not match the volume.")
+    return key
+
+
 def unlock_from_args(args, vol):
-    """The volume key (bytearray) from the key file or up to --tries prompts."""
+    """The volume key (bytearray) from --volume-key-file, the key file or up to --tries
+    prompts."""
+    if getattr(args, "volume_key_file", None) is not None:
+        return volume_key_from_file(args.volume_key_file, vol)
     interactive = args.key_file is None and sys.stdin is not None and os.isatty(0)
     tries = max(1, args.tries) if interactive else 1
     for attempt in range(tries):
@@ -46,14 +66,16 @@ def unlock_from_args(args, vol):
 
 
 def run(args) -> int:
-    vol = luks2.load(args.device)
-    if args.test_passphrase:
-        key = unlock_from_args(args, vol)
-        wipe(key)
-        return 0
-    if args.name is None:
-        raise UsageError("open needs DEVICE NAME (or --test-passphrase DEVICE)")
-    return _open_mapping(args, vol)
+    if args.volume_key_file is not None and args.key_file is not None:
+        raise UsageError("--volume-key-file and --key-file exclude each other")
+    with luks2.load(args.device, args.header) as vol:
+        if args.test_passphrase:
+            key = unlock_from_args(args, vol)
+            wipe(key)
+            return 0
+        if args.name is None:
+            raise UsageError("open needs DEVICE NAME (or --test-passphrase DEVICE)")
+        return _open_mapping(args, vol)
 
 
 def _open_mapping(args, vol) -> int:

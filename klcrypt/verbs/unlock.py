@@ -4,6 +4,7 @@ from .. import luks2
 from ..passphrase import add_key_arguments
 from ..restore import client
 from ..secret import wipe
+from ._luks2args import add_header_argument
 from .open import DEFAULT_TRIES, unlock_from_args
 
 
@@ -12,12 +13,13 @@ def add_arguments(p):
     p.add_argument("-T", "--tries", type=int, default=DEFAULT_TRIES,
                    help="passphrase attempts on a terminal (default 3)")
     add_key_arguments(p)
+    add_header_argument(p)
 
 
 def run(args) -> int:
     device = client.locked_device(args.name)       # NotActive / not locked: before any prompt
-    vol = luks2.load(device)
-    key = unlock_from_args(args, vol)
+    with luks2.load(device, args.header) as vol:
+        key = unlock_from_args(args, vol)
     try:
         r = client.unlock(args.name, key)
     finally:
