@@ -40,6 +40,22 @@ int klc_kl_cpuinfo(struct klc_kl_cpuinfo *out);
  * (KL, AESKLE and WIDE_KL set), else 0. */
 int klc_kl_hw_usable(void);
 
+/* What ENCODEKEY reveals about the loaded IWKEY, on the calling thread's CPU:
+ * ENCODEKEY128 of two fixed test keys through `engine` (KLC_ENGINE_KL: the
+ * real instructions, trapped where emulated; KLC_ENGINE_KLEMU: the model).
+ * weak bits: the IWKEY is all zero (the handle equals the spec's known answer
+ * for IWKEY = 0), its encryption key is zero (the wrap is undone with a zero
+ * key), its integrity key is zero (POLYVAL contributes nothing: two keys get
+ * the same tag).  Any weak bit: a wrap would be under a known key. */
+#define KLC_KL_WEAK_ZERO         1
+#define KLC_KL_WEAK_ENC_ZERO     2
+#define KLC_KL_WEAK_INTEGRITY_ZERO 4
+struct klc_kl_probe {
+    uint32_t dest;            /* ENCODEKEY's DEST: bit 0 NoBackup, bits 4:1 KeySource */
+    uint32_t weak;            /* KLC_KL_WEAK_* */
+};
+int klc_kl_probe_iwkey(int engine, struct klc_kl_probe *out);
+
 /* ---- 2a. the Key Locker model (the emulated CPU and its "kernel") ------ */
 /* LOADIWKEY's EAX control bits */
 #define KLC_KL_NOBACKUP          1      /* EAX[0] */
@@ -73,6 +89,8 @@ struct klc_klm_status {
     uint64_t backup_status;   /* MSR 0x991 */
     uint64_t generation;      /* +1 on every change of the local IWKEY */
     uint32_t cpuid_eax, cpuid_ebx, cpuid_ecx;  /* the model's CPUID.19H */
+    int hypervisor;           /* the emulated CPUID.1:ECX[31] (a guest profile) */
+    uint64_t bad_cpus;        /* CPUs holding the all-zero IWKEY (bit n = CPU n) */
     int trap_installed;       /* the SIGILL instruction emulator is installed */
     uint64_t trapped;         /* KL instructions emulated by the trap so far */
 };
@@ -82,9 +100,15 @@ struct klc_klm_status {
  * NoBackup, KeySource=1), MSRs zero.  Also a full S5+G3. */
 int klc_klm_reset(void);
 /* Change the model's CPUID.19H (EAX bits 2:0, EBX bits 0,2,4, ECX bits 1:0
- * are honoured; AESKLE and WIDE_KL are forced on).  Lets tests emulate parts
- * without backup, NoBackup or KeySource=1. */
-int klc_klm_configure(uint32_t eax, uint32_t ebx, uint32_t ecx);
+ * are honoured; AESKLE and WIDE_KL are forced on) and its hypervisor bit
+ * (CPUID.1:ECX[31]): the emulated CPU profile (parts without backup storage,
+ * NoBackup or KeySource=1; a guest). */
+int klc_klm_configure(uint32_t eax, uint32_t ebx, uint32_t ecx, int hypervisor);
+/* The next change of the local IWKEY (LOADIWKEY, restore from backup) misses
+ * logical CPU `cpu` (0..63): it keeps the all-zero IWKEY, as after a restore
+ * that failed on that CPU only, until the IWKEY changes again.  -1 clears
+ * both the pending fault and any CPU left bad. */
+int klc_klm_inject_cpu_fault(int cpu);
 /* LOADIWKEY as ring 0 would execute it: ctl = EAX, integrity key (XMM0),
  * encryption key low (xmm2 operand) and high (xmm1 operand), 16 bytes each.
  * KLC_ERR_ARG = #GP (reserved bits, KeySource > 1, unsupported NoBackup or

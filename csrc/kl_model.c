@@ -18,7 +18,14 @@
  *     valid, bit 2 storage r/w error, bit 3 backup consumed);
  *   - power events: S3/S4 lose the local IWKEY (the platform backup stays),
  *     S5 loses both.  A lost IWKEY reads as all-zero keys, as on Linux after a
- *     failed restore, so old handles fail authentication.
+ *     failed restore, so old handles fail authentication.  (s2idle is no power
+ *     event here: the caches' power domain stays up, and with it the IWKEY.)
+ *   - per-CPU state, minimally: real CPUs each hold their own IWKEY copy and
+ *     the kernel loads or restores it on every CPU; a restore can fail on some
+ *     CPUs only.  The model keeps one IWKEY plus a mask of CPUs that hold the
+ *     all-zero IWKEY instead (klc_klm_inject_cpu_fault: the next IWKEY change
+ *     misses that CPU); ENCODEKEY and AES*KL use the IWKEY of the CPU they run
+ *     on (sched_getcpu).  Enough to test checks that must run on every CPU.
  *
  * The model protects nothing: its IWKEY lives in this process (in an mlocked,
  * MADV_DONTDUMP page, but readable by anything that can read the process).
@@ -35,6 +42,7 @@
 #include <immintrin.h>
 #include <openssl/evp.h>
 #include <pthread.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/random.h>
 #include "kl_internal.h"
@@ -50,11 +58,22 @@ struct iwkey {
     int loaded;
 };
 
+/* The IWKEY one logical CPU sees, with its AES-256 schedule (AES-NI path). */
+struct kview {
+    const struct iwkey *k;
+    const __m128i *rk;
+};
+
 struct model {
     pthread_rwlock_t lock;
-    struct iwkey local;          /* the CPU's IWKEY */
+    struct iwkey local;          /* the CPUs' IWKEY */
     struct iwkey platform;       /* the platform-scoped backup storage */
     __m128i enc_rk[15];          /* AES-256 schedule of local.enc (AES-NI path) */
+    struct iwkey zero;           /* what a CPU whose restore failed holds: all zero */
+    __m128i zero_rk[15];
+    uint64_t bad_cpus;           /* CPUs (bit n = CPU n) left with the zero IWKEY */
+    int pending_bad_cpu;         /* -1, or the CPU the next IWKEY change fails on */
+    int hypervisor;              /* the emulated CPUID.1:ECX[31] (a guest) */
     uint64_t copy_status;        /* MSR 0x990 */
     uint64_t backup_status;      /* MSR 0x991 */
     uint64_t generation;
@@ -175,12 +194,29 @@ int klm_aes_raw(int encrypt, int bits, const uint8_t *key, uint8_t *blocks, size
 
 /* AES-256 encryption under the model's current IWKEY encryption key.
  * Caller holds the lock. */
-static void iw_encrypt(uint8_t *blocks, size_t n)
+static void iw_encrypt(const struct kview *v, uint8_t *blocks, size_t n)
 {
     if (have_ni)
-        ni_encrypt(M->enc_rk, 14, blocks, n);
+        ni_encrypt(v->rk, 14, blocks, n);
     else
-        evp_ecb(1, 256, M->local.enc, blocks, n);
+        evp_ecb(1, 256, v->k->enc, blocks, n);
+}
+
+/* The IWKEY of the CPU this thread runs on.  The model keeps one IWKEY for the
+ * whole package except for CPUs marked bad (a restore that failed there: they
+ * hold the all-zero IWKEY Linux's series leaves after a failed restore).
+ * sched_getcpu() is a vDSO/rseq read: async-signal-safe.  Caller holds the lock. */
+static struct kview view_here(void)
+{
+    struct kview v = {&M->local, M->enc_rk};
+    if (M->bad_cpus) {
+        int cpu = sched_getcpu();
+        if (cpu >= 0 && cpu < 64 && (M->bad_cpus >> cpu) & 1) {
+            v.k = &M->zero;
+            v.rk = M->zero_rk;
+        }
+    }
+    return v;
 }
 
 /* ------------------------------------------------------------------------
@@ -272,7 +308,8 @@ int klc_klm_polyval(const uint8_t *h16, const uint8_t *blocks, size_t nblocks, u
 /* ------------------------------------------------------------------------
  * The wrap.  Caller holds the lock (read or write).
  */
-static void compute_tag(uint32_t aad_lo, int bits, const uint8_t *key, uint8_t tag[16])
+static void compute_tag(const struct kview *v, uint32_t aad_lo, int bits, const uint8_t *key,
+                        uint8_t tag[16])
 {
     uint8_t buf[16 * 4];               /* AAD ‖ key (1 or 2 blocks) ‖ lengths */
     size_t kb = (size_t)bits / 8, nblk = 1 + kb / 16 + 1;
@@ -282,13 +319,14 @@ static void compute_tag(uint32_t aad_lo, int bits, const uint8_t *key, uint8_t t
     uint64_t aad_bits = 128, key_bits = (uint64_t)bits;
     memcpy(buf + 16 + kb, &aad_bits, 8);
     memcpy(buf + 16 + kb + 8, &key_bits, 8);
-    polyval(M->local.integrity, buf, nblk, tag);
+    polyval(v->k->integrity, buf, nblk, tag);
     tag[15] &= 0x7f;                   /* clear the top bit of S */
-    iw_encrypt(tag, 1);                /* tag = AES-256(enc key, S) */
+    iw_encrypt(v, tag, 1);                /* tag = AES-256(enc key, S) */
     klc_wipe(buf, sizeof buf);
 }
 
-static void ctr_xor(const uint8_t tag[16], int bits, const uint8_t *in, uint8_t *out)
+static void ctr_xor(const struct kview *v, const uint8_t tag[16], int bits, const uint8_t *in,
+                    uint8_t *out)
 {
     uint8_t ks[32];
     size_t nb = (size_t)bits / 128;
@@ -301,18 +339,19 @@ static void ctr_xor(const uint8_t tag[16], int bits, const uint8_t *in, uint8_t 
         ctr += (uint32_t)i;            /* 32-bit little-endian increment */
         memcpy(c, &ctr, 4);
     }
-    iw_encrypt(ks, nb);
+    iw_encrypt(v, ks, nb);
     for (size_t i = 0; i < 16 * nb; i++)
         out[i] = in[i] ^ ks[i];
     klc_wipe(ks, sizeof ks);
 }
 
-static void wrap(uint32_t aad_lo, int bits, const uint8_t *key, uint8_t *handle)
+static void wrap(const struct kview *v, uint32_t aad_lo, int bits, const uint8_t *key,
+                 uint8_t *handle)
 {
     memset(handle, 0, 16);
     memcpy(handle, &aad_lo, 4);
-    compute_tag(aad_lo, bits, key, handle + 16);
-    ctr_xor(handle + 16, bits, key, handle + 32);
+    compute_tag(v, aad_lo, bits, key, handle + 16);
+    ctr_xor(v, handle + 16, bits, key, handle + 32);
 }
 
 /* The HandleReservedBitSet / CPL / restriction / key-type checks. */
@@ -347,8 +386,9 @@ static int unwrap_locked(int encrypt, int bits, const uint8_t *handle, uint8_t *
         klc_wipe(key_out, kb);
         return KLC_ERR_KEYLOCKER;
     }
-    ctr_xor(handle + 16, bits, handle + 32, key_out);
-    compute_tag(aad_lo, bits, key_out, tag);
+    struct kview v = view_here();
+    ctr_xor(&v, handle + 16, bits, handle + 32, key_out);
+    compute_tag(&v, aad_lo, bits, key_out, tag);
     uint8_t diff = 0;
     for (int i = 0; i < 16; i++)
         diff |= (uint8_t)(tag[i] ^ handle[16 + i]);
@@ -379,6 +419,11 @@ static void set_local(const struct iwkey *k)
         klc_wipe(&M->local, sizeof M->local);   /* lost: all-zero keys, not loaded */
     if (have_ni)
         ni_expand256(M->local.enc, M->enc_rk);
+    M->bad_cpus = 0;                 /* every CPU got this IWKEY ... */
+    if (k && k->loaded && M->pending_bad_cpu >= 0) {
+        M->bad_cpus = 1ull << M->pending_bad_cpu;   /* ... but the one the fault names */
+        M->pending_bad_cpu = -1;
+    }
     M->generation++;
 }
 
@@ -392,6 +437,9 @@ static void model_reset_locked(void)
     M->ebx = CPUID_EBX_DEFAULT;
     M->ecx = CPUID_ECX_DEFAULT;
     M->fault = KLC_KLM_FAULT_NONE;
+    M->pending_bad_cpu = -1;
+    M->bad_cpus = 0;
+    M->hypervisor = 0;
 }
 
 static void model_create(void)
@@ -402,6 +450,9 @@ static void model_create(void)
     if (!M)
         return;
     pthread_rwlock_init(&M->lock, NULL);
+    memset(&M->zero, 0, sizeof M->zero);
+    if (have_ni)
+        ni_expand256(M->zero.enc, M->zero_rk);
     model_reset_locked();
 }
 
@@ -426,13 +477,27 @@ int klc_klm_reset(void)
     return KLC_OK;
 }
 
-int klc_klm_configure(uint32_t eax, uint32_t ebx, uint32_t ecx)
+int klc_klm_configure(uint32_t eax, uint32_t ebx, uint32_t ecx, int hypervisor)
 {
     MODEL_OR_FAIL();
     pthread_rwlock_wrlock(&M->lock);
     M->eax = eax & 0x7u;
     M->ebx = (ebx & 0x10u) | 0x5u;
     M->ecx = ecx & 0x3u;
+    M->hypervisor = hypervisor ? 1 : 0;
+    pthread_rwlock_unlock(&M->lock);
+    return KLC_OK;
+}
+
+int klc_klm_inject_cpu_fault(int cpu)
+{
+    MODEL_OR_FAIL();
+    if (cpu < -1 || cpu >= 64)
+        return KLC_ERR_ARG;
+    pthread_rwlock_wrlock(&M->lock);
+    M->pending_bad_cpu = cpu;
+    if (cpu < 0)
+        M->bad_cpus = 0;
     pthread_rwlock_unlock(&M->lock);
     return KLC_OK;
 }
@@ -508,8 +573,9 @@ int klc_klm_encodekey(int bits, uint32_t restrictions, const uint8_t *key, uint8
         return KLC_ERR_ARG;
     }
     uint32_t aad_lo = restrictions | ((bits == 128 ? 0u : 1u) << AAD_TYPE_SHIFT);
-    wrap(aad_lo, bits, key, handle);
-    uint32_t d = (M->local.nobackup & 1) | (M->local.keysource & 0xF) << 1;
+    struct kview v = view_here();
+    wrap(&v, aad_lo, bits, key, handle);
+    uint32_t d = (v.k->nobackup & 1) | (v.k->keysource & 0xF) << 1;
     pthread_rwlock_unlock(&M->lock);
     if (dest)
         *dest = d;
@@ -621,6 +687,8 @@ int klc_klm_status(struct klc_klm_status *out)
     out->cpuid_eax = M->eax;
     out->cpuid_ebx = M->ebx;
     out->cpuid_ecx = M->ecx;
+    out->hypervisor = M->hypervisor;
+    out->bad_cpus = M->bad_cpus;
     pthread_rwlock_unlock(&M->lock);
     out->trap_installed = klc_kltrap_installed();
     out->trapped = klm_trap_count();

@@ -21,28 +21,49 @@
  *   F3 0F 38 FA  mod=11   ENCODEKEY128 r32(reg, DEST), r32(r/m, restrictions)
  *   F3 0F 38 FB  mod=11   ENCODEKEY256 r32, r32
  * with an optional REX prefix (R/X/B extend reg/index/base), the null segment
- * prefixes 2E/3E/26/36, 67 (32-bit addressing), ModRM/SIB with disp8/disp32
- * and RIP-relative operands.  Any other form (DD/DE/DF/D8 with mod=11, D8
- * with reg>=4, FA/FB with a memory operand, 66/F2 prefixes, FS/GS overrides)
- * is not a KL instruction here and goes to the previous SIGILL handler.
+ * prefixes 2E/3E/26/36, the FS/GS overrides 64/65 (the address gets the
+ * thread's FS/GS base, read with arch_prctl(ARCH_GET_FS/GS) — what the CPU
+ * adds), 67 (32-bit addressing), 66 (operand size: accepted and ignored, as
+ * for other F3-selected SSE instructions such as POPCNT: F3 takes precedence
+ * over 66 as the mandatory prefix and no KL operand has a size to change —
+ * the SDM's KL pages do not list it, and we could not check it on silicon),
+ * ModRM/SIB with disp8/disp32 and RIP-relative operands.  Any other form
+ * (DD/DE/DF/D8 with mod=11, D8 with reg>=4, FA/FB with a memory operand, an
+ * F2 or LOCK prefix — #UD on hardware too) is not a KL instruction here and
+ * goes to the previous SIGILL handler.
  *
  * Semantics applied to the context: XMM registers in uc_mcontext.fpregs
  * (legacy SSE: bits 255:128 of YMM are left alone, as the hardware does),
  * RFLAGS: AES*KL set ZF (1 = failure, destination not written) and clear
  * OF/SF/AF/PF/CF; ENCODEKEY clears all six and writes XMM0-2 (128) or XMM0-3
- * (256) with the handle, zeroes XMM4-6, writes DEST zero-extended.  A #GP
- * (LOADIWKEY at ring 3, reserved ENCODEKEY restriction bits) is delivered as
- * the SIGSEGV the kernel would send (si_code SI_KERNEL).
+ * (256) with the handle, zeroes XMM4-6, writes DEST zero-extended.
+ *
+ * Faults are raised AT the instruction, as the CPU raises them: the handler
+ * never touches the handle's memory directly; it copies it with
+ * process_vm_readv on its own process (a bad pointer is EFAULT, not a fault
+ * inside the handler).  A fault then leaves RIP at the KL instruction, queues
+ * SIGSEGV to this thread (rt_tgsigqueueinfo with the kernel's si_code:
+ * SEGV_MAPERR and the first unreadable address for a #PF, SI_KERNEL for a
+ * #GP: LOADIWKEY at ring 3, reserved ENCODEKEY restriction bits, a
+ * non-canonical address) while SIGSEGV is blocked in the handler, and
+ * returns: when sigreturn restores the thread's mask the SIGSEGV is delivered
+ * with the context of the faulting instruction — a SIGSEGV handler sees that
+ * RIP, a core dump shows it.  As the kernel's force_sig_fault does, a blocked
+ * or ignored SIGSEGV is unblocked and reset to the default action first.
  *
  * Key hygiene: ENCODEKEY's raw key sits in XMM0/XMM1 of the signal frame on
  * the user stack; the handle overwrites it there, and the handler's own copies
  * are wiped before it returns.
  */
+#include <asm/prctl.h>
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
 #include <ucontext.h>
+#include <unistd.h>
 #include "kl_internal.h"
 
 enum kl_op {
@@ -66,6 +87,7 @@ struct insn {
     int rm;           /* register operand (mod=11), extended by REX.B */
     uint64_t ea;      /* memory operand address */
     size_t len;       /* instruction length */
+    int gp;           /* the operand address is non-canonical: #GP */
 };
 
 /* ModRM/SIB register number -> gregs index */
@@ -98,9 +120,9 @@ static uint64_t gpr(const ucontext_t *uc, int n) { return (uint64_t)uc->uc_mcont
 static int decode(const uint8_t *p, const ucontext_t *uc, struct insn *in)
 {
     size_t i = 0;
-    int f3 = 0, addr32 = 0, rex = 0;
+    int f3 = 0, addr32 = 0, rex = 0, seg = 0;
     memset(in, 0, sizeof *in);
-    for (; i < 4; i++) {                          /* legacy prefixes */
+    for (; i < 14; i++) {                         /* legacy prefixes (15-byte limit) */
         uint8_t b = p[i];
         if (b == 0xF3)
             f3 = 1;
@@ -108,8 +130,12 @@ static int decode(const uint8_t *p, const ucontext_t *uc, struct insn *in)
             addr32 = 1;
         else if (b == 0x2E || b == 0x3E || b == 0x26 || b == 0x36)
             continue;                             /* ignored in 64-bit mode */
-        else if (b == 0x66 || b == 0xF2 || b == 0xF0 || b == 0x64 || b == 0x65)
-            return 0;                             /* another instruction / unsupported */
+        else if (b == 0x64 || b == 0x65)
+            seg = b;                              /* FS / GS: the last one counts */
+        else if (b == 0x66)
+            continue;                             /* operand size: nothing to resize */
+        else if (b == 0xF2 || b == 0xF0)
+            return 0;                             /* another instruction / #UD */
         else
             break;
     }
@@ -187,6 +213,16 @@ static int decode(const uint8_t *p, const ucontext_t *uc, struct insn *in)
     in->ea = base + index + (uint64_t)disp;
     if (addr32)
         in->ea &= 0xFFFFFFFFull;
+    if (seg) {                                    /* the segment base is added last */
+        unsigned long sb = 0;
+        if (syscall(SYS_arch_prctl, seg == 0x64 ? ARCH_GET_FS : ARCH_GET_GS, &sb) != 0)
+            return 0;
+        in->ea += (uint64_t)sb;
+    }
+    /* canonical: bits 63:47 all equal (48-bit; 57-bit with LA57 is a superset
+     * only for user addresses above 2^47, which Linux hands out only on request) */
+    uint64_t top = in->ea >> 47;
+    in->gp = top != 0 && top != 0x1FFFF;
     return 1;
 }
 
@@ -204,33 +240,55 @@ static void set_flags(ucontext_t *uc, int zf)
     uc->uc_mcontext.gregs[REG_EFL] = f;
 }
 
-/* Deliver the #GP the instruction raises: the SIGSEGV (SI_KERNEL) Linux sends. */
-static void deliver_gp(ucontext_t *uc)
+/* Raise SIGSEGV at the faulting instruction (see the header comment): RIP is
+ * left at the KL instruction, the signal is queued while blocked and arrives
+ * when the handler returns.  code: SI_KERNEL (#GP, addr 0) or SEGV_MAPERR. */
+static void raise_fault(ucontext_t *uc, int code, uint64_t addr)
 {
     struct sigaction cur;
     sigaction(SIGSEGV, NULL, &cur);
-    if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction) {
-        siginfo_t gi;
-        memset(&gi, 0, sizeof gi);
-        gi.si_signo = SIGSEGV;
-        gi.si_code = SI_KERNEL;
-        cur.sa_sigaction(SIGSEGV, &gi, uc);
-        return;
+    if (sigismember(&uc->uc_sigmask, SIGSEGV) ||
+        (!(cur.sa_flags & SA_SIGINFO) && cur.sa_handler == SIG_IGN)) {
+        struct sigaction dfl;                     /* force_sig_fault's rule */
+        memset(&dfl, 0, sizeof dfl);
+        dfl.sa_handler = SIG_DFL;
+        sigaction(SIGSEGV, &dfl, NULL);
+        sigdelset(&uc->uc_sigmask, SIGSEGV);
     }
-    if (!(cur.sa_flags & SA_SIGINFO) && cur.sa_handler != SIG_DFL && cur.sa_handler != SIG_IGN) {
-        cur.sa_handler(SIGSEGV);
-        return;
-    }
-    /* default (or ignored, which a fault overrides): terminate as the CPU would */
-    struct sigaction dfl;
-    memset(&dfl, 0, sizeof dfl);
-    dfl.sa_handler = SIG_DFL;
-    sigaction(SIGSEGV, &dfl, NULL);
     sigset_t s;
     sigemptyset(&s);
     sigaddset(&s, SIGSEGV);
-    pthread_sigmask(SIG_UNBLOCK, &s, NULL);
-    raise(SIGSEGV);
+    pthread_sigmask(SIG_BLOCK, &s, NULL);         /* held until sigreturn */
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    si.si_signo = SIGSEGV;
+    si.si_code = code;
+    si.si_addr = (void *)(uintptr_t)addr;
+    syscall(SYS_rt_tgsigqueueinfo, getpid(), syscall(SYS_gettid), SIGSEGV, &si);
+}
+
+static void deliver_gp(ucontext_t *uc) { raise_fault(uc, SI_KERNEL, 0); }
+
+/* Copy n bytes of the operand at ea without touching it from here: 0, or -1
+ * with *fault_addr = the first address that cannot be read (page-exact). */
+static int read_operand(uint64_t ea, void *dst, size_t n, uint64_t *fault_addr)
+{
+    size_t done = 0;
+    while (done < n) {
+        uint64_t a = ea + done;
+        size_t chunk = 4096 - (size_t)(a & 4095);  /* one page at a time */
+        if (chunk > n - done)
+            chunk = n - done;
+        struct iovec local = {(uint8_t *)dst + done, chunk};
+        struct iovec remote = {(void *)(uintptr_t)a, chunk};
+        if (syscall(SYS_process_vm_readv, getpid(), &local, 1UL, &remote, 1UL, 0UL) !=
+            (long)chunk) {
+            *fault_addr = a;
+            return -1;
+        }
+        done += chunk;
+    }
+    return 0;
 }
 
 /* Not a KL instruction: behave as if this handler were not there. */
@@ -295,7 +353,16 @@ static void exec_aes(ucontext_t *uc, const struct insn *in)
     default: bits = 256; enc = 0; break;
     }
     uint8_t handle[64], blocks[128];
-    memcpy(handle, (const void *)(uintptr_t)in->ea, klm_handle_len(bits));  /* unaligned load */
+    uint64_t fault_addr = 0;
+    if (in->gp) {
+        deliver_gp(uc);                           /* non-canonical operand address */
+        return;
+    }
+    if (read_operand(in->ea, handle, klm_handle_len(bits), &fault_addr) != 0) {
+        klc_wipe(handle, sizeof handle);
+        raise_fault(uc, SEGV_MAPERR, fault_addr); /* #PF at the instruction */
+        return;
+    }
     size_t n = wide ? 8 : 1;
     for (size_t b = 0; b < n; b++)
         memcpy(blocks + 16 * b, xmm(uc, wide ? (int)b : in->reg), 16);

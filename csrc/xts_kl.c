@@ -179,6 +179,78 @@ KL static int kl_xts_unit(const struct kl_priv *p, int bits, int enc, uint8_t *d
 
 static void allow_trap_signals(void);
 
+/* ======================================================================
+ * The IWKEY probe: never wrap a volume key under a known IWKEY.
+ *
+ * Linux's Key Locker series leaves an all-zero IWKEY loaded after a failed
+ * restore; with it the handle's integrity tag authenticates nothing and anyone
+ * can unwrap.  The spec's known answer (reference/keylocker.md): IWKEY = 0,
+ * ENCODEKEY128 of the zero key -> AAD 0, tag (memory order)
+ * dc95c078a2408989ad48a21492842087, wrapped key 08c374848c228233c2b34f332bd2e9d3.
+ * Beyond that answer, two weaker known keys are caught from the handles alone:
+ * a zero encryption key (the wrap is AES-256-CTR under it: undo it with the
+ * zero key and the test key comes out) and a zero integrity key (S = 0 for
+ * every key, so two different keys get the same tag).
+ */
+static const uint8_t KAT_ZERO_IWKEY_HANDLE[48] = {
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0xdc, 0x95, 0xc0, 0x78, 0xa2, 0x40, 0x89, 0x89,
+    0xad, 0x48, 0xa2, 0x14, 0x92, 0x84, 0x20, 0x87,
+    0x08, 0xc3, 0x74, 0x84, 0x8c, 0x22, 0x82, 0x33,
+    0xc2, 0xb3, 0x4f, 0x33, 0x2b, 0xd2, 0xe9, 0xd3,
+};
+static const uint8_t PROBE_KEY[16] = {0x6b, 0x6c, 0x63, 0x72, 0x79, 0x70, 0x74, 0x20,
+                                      0x70, 0x72, 0x6f, 0x62, 0x65, 0x20, 0x31, 0x36};
+
+
+/* 1 if `handle` (ENCODEKEY128 of key) unwraps with an all-zero encryption key. */
+static int unwraps_with_zero_enc(const uint8_t *handle, const uint8_t *key)
+{
+    uint8_t zero[32] = {0}, blk[16];
+    memcpy(blk, handle + 16, 16);
+    blk[15] |= 0x80;                   /* the CTR block: tag with its top bit set */
+    if (klm_aes_raw(1, 256, zero, blk, 1) != KLC_OK)
+        return 0;
+    int same = 1;
+    for (int i = 0; i < 16; i++)
+        same &= (handle[32 + i] ^ blk[i]) == key[i];
+    klc_wipe(blk, sizeof blk);
+    return same;
+}
+
+int klc_kl_probe_iwkey(int engine, struct klc_kl_probe *out)
+{
+    if (!out || (engine != KLC_ENGINE_KL && engine != KLC_ENGINE_KLEMU))
+        return KLC_ERR_ARG;
+    uint8_t zero[16] = {0}, h0[48], h1[48];
+    uint32_t d0 = 0, d1 = 0;
+    if (engine == KLC_ENGINE_KL) {
+        if (!(klc_kl_hw_usable() || klc_kltrap_installed()))
+            return KLC_ERR_UNSUPPORTED;
+        allow_trap_signals();
+        d0 = hw_encodekey128(0, zero, h0);
+        d1 = hw_encodekey128(0, PROBE_KEY, h1);
+    } else {
+        int rc = klc_klm_encodekey(128, 0, zero, h0, &d0);
+        if (rc == KLC_OK)
+            rc = klc_klm_encodekey(128, 0, PROBE_KEY, h1, &d1);
+        klc_clear_vregs();
+        if (rc != KLC_OK)
+            return rc;
+    }
+    uint32_t weak = 0;
+    if (memcmp(h0, KAT_ZERO_IWKEY_HANDLE, sizeof h0) == 0)
+        weak |= KLC_KL_WEAK_ZERO;
+    if (unwraps_with_zero_enc(h0, zero) || unwraps_with_zero_enc(h1, PROBE_KEY))
+        weak |= KLC_KL_WEAK_ENC_ZERO;
+    if (memcmp(h0 + 16, h1 + 16, 16) == 0)
+        weak |= KLC_KL_WEAK_INTEGRITY_ZERO;
+    out->dest = d1;
+    out->weak = weak;
+    (void)d0;
+    return KLC_OK;
+}
+
 static int kl_available(void) { return klc_kl_hw_usable() || klc_kltrap_installed(); }
 
 static size_t kl_priv_size(size_t key_len) { return sizeof(struct kl_priv); }
@@ -189,6 +261,12 @@ static int kl_init(struct klc_xts *ctx, const uint8_t *key, size_t key_len)
     size_t half = key_len / 2;
     uint32_t tr = tweak_restrictions(0), d1, d2;
     allow_trap_signals();
+    struct klc_kl_probe pr;
+    int rc = klc_kl_probe_iwkey(KLC_ENGINE_KL, &pr);
+    if (rc != KLC_OK)
+        return rc;
+    if (pr.weak)
+        return KLC_ERR_KEYLOCKER;      /* a known IWKEY: never wrap the volume key under it */
     if (key_len == 64) {
         d1 = hw_encodekey256(0, key, p->h_data);
         d2 = hw_encodekey256(tr, key + half, p->h_tweak);
@@ -310,6 +388,12 @@ static int klemu_init(struct klc_xts *ctx, const uint8_t *key, size_t key_len)
         return rc;
     if (!st.loaded)
         return KLC_ERR_KEYLOCKER;   /* no IWKEY: refuse to wrap under a lost key */
+    struct klc_kl_probe pr;
+    rc = klc_kl_probe_iwkey(KLC_ENGINE_KLEMU, &pr);
+    if (rc != KLC_OK)
+        return rc;
+    if (pr.weak)
+        return KLC_ERR_KEYLOCKER;   /* a known IWKEY (this CPU's restore failed) */
     int bits = bits_of(key_len);
     size_t half = key_len / 2;
     uint32_t tr = tweak_restrictions(1), d1 = 0, d2 = 0;

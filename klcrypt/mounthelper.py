@@ -46,6 +46,7 @@ KLCRYPT_OPTIONS = {
     "engine": "--engine",
     "keylocker": "--keylocker",
     "restore-mode": "--restore-mode",
+    "emulated-cpu": "--emulated-cpu",
     "lock-timeout": "--lock-timeout",
     "threads": "--threads",
 }
@@ -211,7 +212,7 @@ def usage() -> str:
     return (f"usage: {PROG} DEVICE DIR [-sfnv] [-o OPTIONS] [-t klcrypt[.FSTYPE]]\n"
             'options (a value may be double-quoted: keyfile="/a,b"; none may start '
             "with '-'): keyfile=F, fstype=T, name=N, engine=E, keylocker=K, restore-mode=M, "
-            "lock-timeout=S, "
+            "emulated-cpu=P, lock-timeout=S, "
             "keyfile-size=B, keyfile-offset=B, key-slot=S, threads=N, ro, nofail; "
             "anything else goes to the inner filesystem")
 

@@ -155,3 +155,33 @@ class Code:
 
     def write(self, offset: int, data: bytes):
         self.mem[offset:offset + len(data)] = data
+
+
+# ---- the hardware path, on the emulated CPU configured like that hardware ----
+def as_hardware(monkeypatch, profile: str = "full"):
+    """Make klcrypt see the emulated CPU as Key Locker hardware: detect() reports the
+    model's CPUID (profile) with the instructions usable, the SIGILL emulator runs the
+    `kl` engine's real instructions, and nothing in klcrypt loads an IWKEY (the test
+    plays the kernel: model.load_* / power_event / restore).  Undo with
+    model.uninstall_trap() (the fixture in the tests does)."""
+    import sys
+    from klcrypt.keylocker import model
+    kp = sys.modules["klcrypt.keylocker.platform"]
+    kprov = sys.modules["klcrypt.keylocker.provision"]
+    model.reset()
+    model.configure_profile(profile)
+    c = model.status()["cpuid"]
+
+    def detect():
+        return {"keylocker": True, "aeskle": True, "wide_kl": True, "backup": c["backup"],
+                "nobackup_supported": c["nobackup_supported"],
+                "keysource_random_supported": c["keysource_random_supported"],
+                "nobackup": c["nobackup_supported"],
+                "keysource_random": c["keysource_random_supported"],
+                "restrictions": {"cpl0_only": True, "no_encrypt": True, "no_decrypt": True},
+                "hypervisor": c["hypervisor"], "leaf19": [c["eax"], c["ebx"], c["ecx"], 0],
+                "hardware_usable": True}
+    monkeypatch.setattr(kp, "detect", detect)
+    monkeypatch.setattr(kprov, "detect", detect)
+    model.install_trap()
+    return detect

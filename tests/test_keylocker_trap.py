@@ -241,3 +241,105 @@ def test_more_operand_forms(trap):
     assert code.func(G4)(ctypes.addressof(hb128), ctypes.addressof(b)) == 0
     assert b.raw == aes_ecb(k128, eight, encrypt=False)
     del hb, hb128, kb
+
+
+# Prefix forms (GNU as 2.40; objdump decodes 66 F3 0F 38 DC as "data16 aesenc128kl"):
+#  k1 0x00: movdqu (%rsi),%xmm2; data16 aesenc128kl (%rdi),%xmm2   [66 f3 0f 38 dc 17]
+#  k2 0x15: ...; aesenc128kl %fs:(%rdi),%xmm2                      [64 f3 0f 38 dc 17]
+#  k3 0x2a: ...; aesenc128kl %gs:(%rdi),%xmm2                      [65 f3 0f 38 dc 17]
+# each then stores xmm2 to (%rsi) and returns ZF.
+CODE3 = bytes.fromhex(
+    "f30f6f1666f30f38dc17f30f7f160f94c00fb6c0c3f30f6f1664f30f38dc17f30f7f160f94c00fb6c0c3"
+    "f30f6f1665f30f38dc17f30f7f160f94c00fb6c0c3")
+K1, K2, K3 = 0x00, 0x15, 0x2A
+ARCH_GET_FS, ARCH_GET_GS = 0x1003, 0x1004
+SYS_ARCH_PRCTL = 158
+
+
+def _segment_base(which: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    v = ctypes.c_ulong()
+    assert libc.syscall(SYS_ARCH_PRCTL, which, ctypes.byref(v)) == 0
+    return v.value
+
+
+def test_prefix_forms_66_fs_gs(trap):
+    """Problem 8: forms the hardware decodes (66 ignored, FS/GS base added) run
+    instead of being passed on as illegal instructions."""
+    code = Code(CODE3)
+    k128 = os.urandom(16)
+    h128, _ = model.encodekey(k128)
+    hb = buf(h128)
+    blk = os.urandom(16)
+    b = buf(blk)
+    assert code.func(K1)(ctypes.addressof(hb), ctypes.addressof(b)) == 0
+    assert b.raw == aes_ecb(k128, blk)
+    fs = _segment_base(ARCH_GET_FS)
+    assert fs != 0                               # glibc's TLS lives there
+    b = buf(blk)
+    assert code.func(K2)((ctypes.addressof(hb) - fs) % (1 << 64), ctypes.addressof(b)) == 0
+    assert b.raw == aes_ecb(k128, blk)
+    gs = _segment_base(ARCH_GET_GS)
+    b = buf(blk)
+    assert code.func(K3)((ctypes.addressof(hb) - gs) % (1 << 64), ctypes.addressof(b)) == 0
+    assert b.raw == aes_ecb(k128, blk)
+
+
+FAULT_CHILD = r"""
+import ctypes, os, sys
+sys.path.insert(0, {tests!r})
+from _klhelp import Code
+from test_keylocker_trap import CODE, F1
+from klcrypt.keylocker import model
+model.ensure_iwkey()
+model.install_trap()
+c = Code(CODE)
+HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+def on_segv(sig, si, uc):
+    code = ctypes.c_int.from_address(si + 8).value
+    addr = ctypes.c_uint64.from_address(si + 16).value
+    rip = ctypes.c_uint64.from_address(uc + 40 + 16 * 8).value   # uc_mcontext.gregs[REG_RIP]
+    os.write(1, f"SEGV code={{code}} addr={{addr:#x}} rip_off={{rip - c.base:#x}}\n".encode())
+    os._exit(7)
+
+h = HANDLER(on_segv)
+
+class SigAction(ctypes.Structure):
+    _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * 16),
+                ("flags", ctypes.c_int), ("restorer", ctypes.c_void_p)]
+
+libc = ctypes.CDLL(None, use_errno=True)
+if sys.argv[1] != "default":
+    sa = SigAction()
+    sa.handler = ctypes.cast(h, ctypes.c_void_p).value
+    sa.flags = 4                                  # SA_SIGINFO
+    assert libc.sigaction(11, ctypes.byref(sa), None) == 0
+blk = ctypes.create_string_buffer(16)
+bad = {{"unmapped": 0x1000, "noncanonical": 0x8000000000000000,
+        "default": 0x1000}}[sys.argv[1]]
+print("calling", flush=True)
+c.func(F1)(bad, ctypes.addressof(blk))
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind, code, addr", [("unmapped", 1, 0x1000),      # SEGV_MAPERR
+                                              ("noncanonical", 0x80, 0)])   # SI_KERNEL (#GP)
+def test_bad_handle_pointer_faults_at_the_instruction(kind, code, addr):
+    """Problem 8: the handle is read without touching it from the handler, and the
+    fault is delivered with RIP at the AES*KL instruction (F1 + 5), as hardware does."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", FAULT_CHILD.format(tests=tests), kind],
+                       capture_output=True, text=True, timeout=60)
+    assert "calling" in r.stdout and "survived" not in r.stdout, r.stderr
+    assert f"SEGV code={code} addr={addr:#x} rip_off={F1 + 5:#x}" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 7
+
+
+def test_bad_handle_pointer_default_action_kills_with_sigsegv():
+    tests = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", FAULT_CHILD.format(tests=tests), "default"],
+                       capture_output=True, text=True, timeout=60)
+    assert "calling" in r.stdout and "survived" not in r.stdout
+    assert r.returncode == -signal.SIGSEGV

@@ -48,12 +48,58 @@ def reset() -> None:
     check(lib.klc_klm_reset(), "resetting the Key Locker model")
 
 
+# The emulated CPU profiles (--emulated-cpu): which optional Key Locker features
+# the part enumerates.  backup = CPUID.19H:EBX[4] (backup storage and its MSRs),
+# nobackup = ECX[0] (LOADIWKEY NoBackup), keysource_random = ECX[1] (KeySource=1),
+# hypervisor = CPUID.1:ECX[31] (a guest).
+PROFILES = {
+    "full": dict(backup=True, nobackup=True, keysource_random=True, hypervisor=False),
+    "basic": dict(backup=False, nobackup=True, keysource_random=False, hypervisor=False),
+    "no-backup": dict(backup=False, nobackup=True, keysource_random=True, hypervisor=False),
+    "no-random": dict(backup=True, nobackup=True, keysource_random=False, hypervisor=False),
+    "minimal": dict(backup=False, nobackup=False, keysource_random=False, hypervisor=False),
+    "guest": dict(backup=True, nobackup=True, keysource_random=True, hypervisor=True),
+}
+PROFILE_TEXT = {
+    "full": "backup storage, NoBackup and a CPU-random KeySource (the default)",
+    "basic": "NoBackup only: no backup storage, no CPU-random KeySource (a plausible real part)",
+    "no-backup": "NoBackup and a CPU-random KeySource, no backup storage",
+    "no-random": "backup storage and NoBackup, no CPU-random KeySource",
+    "minimal": "none of the optional features (no backup storage, NoBackup or KeySource=1)",
+    "guest": "a guest: the hypervisor bit set, the full feature set as the host claims it",
+}
+DEFAULT_PROFILE = "full"
+
+
 def configure(*, backup: bool = True, nobackup: bool = True, keysource_random: bool = True,
-              restrictions: int = 7) -> None:
+              restrictions: int = 7, hypervisor: bool = False) -> None:
     """Choose which optional Key Locker features the emulated CPU enumerates."""
     ebx = 0x10 if backup else 0
     ecx = (1 if nobackup else 0) | (2 if keysource_random else 0)
-    check(lib.klc_klm_configure(restrictions & 7, ebx, ecx), "configuring the Key Locker model")
+    check(lib.klc_klm_configure(restrictions & 7, ebx, ecx, 1 if hypervisor else 0),
+          "configuring the Key Locker model")
+
+
+def configure_profile(name: str) -> None:
+    """Configure the emulated CPU as one of PROFILES."""
+    if name not in PROFILES:
+        raise errors.UsageError(f"unknown emulated CPU profile '{name}' "
+                                f"(choose from {', '.join(PROFILES)})")
+    configure(**PROFILES[name])
+
+
+def profile_name() -> str | None:
+    """The PROFILES entry the model is configured as (None if none matches)."""
+    c = status()["cpuid"]
+    have = dict(backup=c["backup"], nobackup=c["nobackup_supported"],
+                keysource_random=c["keysource_random_supported"], hypervisor=c["hypervisor"])
+    return next((n for n, p in PROFILES.items() if p == have), None)
+
+
+def inject_cpu_fault(cpu: int) -> None:
+    """The next IWKEY change (load or restore) misses logical CPU `cpu`: it keeps the
+    all-zero IWKEY, as after a restore that failed on that CPU only.  -1 clears."""
+    check(lib.klc_klm_inject_cpu_fault(cpu), "injecting a per-CPU Key Locker fault")
 
 
 def load_iwkey(ctl: int, integrity: bytes | bytearray | None = None,
@@ -189,7 +235,9 @@ def status() -> dict:
         "cpuid": {"eax": int(st.cpuid_eax), "ebx": int(st.cpuid_ebx), "ecx": int(st.cpuid_ecx),
                   "backup": bool(st.cpuid_ebx & 0x10),
                   "nobackup_supported": bool(st.cpuid_ecx & 1),
-                  "keysource_random_supported": bool(st.cpuid_ecx & 2)},
+                  "keysource_random_supported": bool(st.cpuid_ecx & 2),
+                  "hypervisor": bool(st.hypervisor)},
+        "bad_cpus": [c for c in range(64) if (int(st.bad_cpus) >> c) & 1],
         "trap_installed": bool(st.trap_installed),
         "instructions_emulated": int(st.trapped),
     }

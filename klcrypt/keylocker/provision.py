@@ -5,14 +5,17 @@ them, wipe the raw key, and serve I/O through the handles only.
     prov.xts.encrypt(...) / prov.xts.decrypt(...)   # a klcrypt.xts.XTS
     prov.info                                       # what protects the key, and how
     prov.verify()                                   # known-answer check of live handles
+    prov.verify_each_cpu()                          # the same on every online CPU
     prov.reprovision(volume_key)                    # re-wrap under a new IWKEY
     prov.close()
 
 `provision` CONSUMES the key: the caller's bytearray is zeroed before it
 returns or raises, whatever happens, so a forgotten wipe cannot leave a copy.
 """
+import ctypes
 import logging
 import os
+import threading
 
 from .. import errors
 from ..native import check, ffi, lib
@@ -27,6 +30,81 @@ KEYSOURCE_NAMES = {0: "software (loaded by the kernel, may be known to it)",
                    1: "cpu-random (never visible to software)"}
 RESTRICTION_NAMES = ((model.CPL0_ONLY, "cpl0-only"), (model.NO_ENCRYPT, "no-encrypt"),
                      (model.NO_DECRYPT, "no-decrypt"))
+
+
+WEAK_NAMES = ((lib.KLC_KL_WEAK_ZERO, "all zero (ENCODEKEY gives the spec's known answer for "
+                                     "IWKEY = 0)"),
+              (lib.KLC_KL_WEAK_ENC_ZERO, "its encryption key is zero"),
+              (lib.KLC_KL_WEAK_INTEGRITY_ZERO, "its integrity key is zero"))
+
+
+def _sched_getcpu() -> int:
+    return ctypes.CDLL(None).sched_getcpu()
+
+
+def probe_iwkey(engine: str) -> dict:
+    """What ENCODEKEY says about the IWKEY of the CPU this thread runs on: its
+    provenance (DEST) and whether it is a known key (all zero, as Linux's series
+    leaves it after a failed restore; or a zero half).  engine 'kl' runs the real
+    instructions (trapped where emulated), 'klemu' asks the model."""
+    if engine not in ("kl", "klemu"):
+        raise errors.UsageError(f"no IWKEY behind the {engine} engine")
+    pr = ffi.new("struct klc_kl_probe *")
+    rc = lib.klc_kl_probe_iwkey(ENGINE_IDS[engine], pr)
+    if rc == lib.KLC_ERR_UNSUPPORTED:
+        raise errors.KeyLockerError("Key Locker instructions are not usable here")
+    check(rc, "probing the IWKEY")
+    dest = int(pr.dest)
+    return {"dest": dest, "nobackup": bool(dest & 1), "keysource": (dest >> 1) & 0xF,
+            "weak": [name for bit, name in WEAK_NAMES if pr.weak & bit],
+            "cpu": _sched_getcpu()}
+
+
+def refuse_known_iwkey(probe: dict, when: str) -> None:
+    """KeyLockerError (exit 11) when the probe found a known IWKEY."""
+    if probe["weak"]:
+        raise errors.KeyLockerError(
+            f"{when}: the loaded IWKEY is a known key on CPU {probe['cpu']} "
+            f"({'; '.join(probe['weak'])}): refusing to wrap the volume key under it "
+            "(a failed IWKEY restore leaves an all-zero IWKEY; nothing was wrapped)")
+
+
+def online_cpus() -> list[int]:
+    """The online logical CPUs (sysfs), else the ones this process may run on."""
+    try:
+        with open("/sys/devices/system/cpu/online") as f:
+            text = f.read().strip()
+        cpus = []
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            cpus.extend(range(int(lo), int(hi or lo) + 1))
+        return cpus
+    except (OSError, ValueError):
+        return sorted(os.sched_getaffinity(0))
+
+
+def on_each_cpu(fn) -> dict:
+    """Run fn() in a thread pinned to each online CPU (sched_setaffinity on the
+    thread); {cpu: result}, result None where this process may not run."""
+    out: dict = {}
+
+    def pinned(cpu):
+        try:
+            os.sched_setaffinity(0, {cpu})      # 0 = the calling thread
+        except OSError:
+            out[cpu] = None                     # outside our cpuset: cannot check
+            return
+        try:
+            out[cpu] = fn()
+        except errors.KlcryptError as e:
+            out[cpu] = e
+    threads = [threading.Thread(target=pinned, args=(c,), name=f"klcrypt-cpu{c}")
+               for c in online_cpus()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
 
 
 def wipe(buf) -> None:
@@ -104,6 +182,18 @@ class Provisioned:
             return False
         return bytes(got) == ct and bytes(back) == pt
 
+    def verify_each_cpu(self) -> dict:
+        """verify() on every online CPU, each in a thread pinned to it (a restore
+        can fail on some CPUs only): {cpu: True | False | None (cannot run there)}."""
+        res = on_each_cpu(self.verify)
+        return {c: (r if r is None or isinstance(r, bool) else False) for c, r in res.items()}
+
+    def probe_each_cpu(self) -> dict:
+        """probe_iwkey() on every online CPU: {cpu: probe dict | None}."""
+        if self.info["engine"] not in ("kl", "klemu"):
+            return {}
+        return on_each_cpu(lambda: probe_iwkey(self.info["engine"]))
+
     def reprovision(self, volume_key) -> None:
         """Re-wrap the volume key under the platform's current IWKEY (after the
         old one was lost), prove the new handles, then switch to them.  Consumes
@@ -170,6 +260,8 @@ def _handle_info(x: XTS) -> dict:
 def _make_and_prove(engine: str, volume_key, key_len: int) -> tuple[XTS, tuple]:
     """Make the serving context and check it against a raw-key engine on one
     sector (random data, random tweak).  The reference context is wiped."""
+    if engine in ("kl", "klemu"):
+        refuse_known_iwkey(probe_iwkey(engine), "making Key Locker handles")
     x = _new_ctx(engine, volume_key, key_len)
     try:
         pt = os.urandom(KAT_SECTOR)

@@ -59,6 +59,7 @@ class MapOptions:
     read_ahead_kb: int = 0           # 0 = the daemon's default
     restore_mode: str = "auto"       # klcrypt.restore.modes.CHOICES
     restore_mode_token: str | None = None   # the volume's klcrypt token default
+    emulated_cpu: str | None = None  # --keylocker emulated: klcrypt.keylocker.model.PROFILES
     verbose: bool = False
 
 

@@ -32,6 +32,11 @@ def add_mapping_arguments(p) -> None:
                    help="how the Key Locker IWKEY is loaded and restored after S3/S4 "
                         "(default: the volume's klcrypt token, else auto; see "
                         "klcrypt-restore-modes(7))")
+    from ..keylocker.model import PROFILES
+    g.add_argument("--emulated-cpu", choices=tuple(PROFILES), default=None, metavar="PROFILE",
+                   help="with --keylocker emulated: the Key Locker features the emulated CPU "
+                        f"enumerates ({'|'.join(PROFILES)}; default full; see "
+                        "klcrypt-restore-modes(7))")
     g.add_argument("--lock-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="how long I/O waits on a locked mapping before failing with EIO "
                         "(default 30)")
@@ -45,6 +50,8 @@ def options_from_args(args, default_engine: str | None = None) -> api.MapOptions
         raise errors.UsageError("--mount-options needs --mount DIR")
     if args.threads and not 1 <= args.threads <= 64:
         raise errors.UsageError("--threads must be in 1..64")
+    if args.emulated_cpu and args.keylocker != "emulated":
+        raise errors.UsageError("--emulated-cpu needs --keylocker emulated")
     return api.MapOptions(
         name=args.name, read_only=args.read_only, allow_other=args.allow_other,
         engine=args.engine or default_engine or "auto", keylocker=args.keylocker,
@@ -52,6 +59,7 @@ def options_from_args(args, default_engine: str | None = None) -> api.MapOptions
         mount_options=args.mount_options, threads=args.threads, direct_io=not args.page_cache,
         verbose=bool(getattr(args, "verbose", False)),
         restore_mode=args.restore_mode or "auto",
+        emulated_cpu=args.emulated_cpu,
         lock_timeout_ms=_lock_timeout_ms(args.lock_timeout))
 
 

@@ -106,7 +106,7 @@ class Guard:
         try:
             platform, _notice = kl.resolve(self.cfg.get("keylocker", "auto"))
             if platform == "emulated":
-                self.platform = EmulatedPlatform()
+                self.platform = EmulatedPlatform(self.cfg.get("emulated_cpu") or "full")
                 self.platform.choose(self.requested, self.token_default)
                 self.platform.apply()
             elif platform == "off":

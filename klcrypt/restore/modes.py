@@ -1,9 +1,11 @@
-"""The six IWKEY restore modes (LKML, May 2021), their properties, and `auto`.
+"""The six IWKEY restore modes (LKML, May 2021), what evidence proves about them, and `auto`.
 
 A mode says where the IWKEY comes from (LOADIWKEY's KeySource), whether it may
 be backed up (NoBackup), who restores it after S3/S4, and therefore whether key
-handles made before a sleep still work after it.  This module is pure policy:
-no model, no hardware access (see platform.py for applying a mode).
+handles made before a sleep still work after it.  On hardware the kernel (or a
+hypervisor host) owns the IWKEY: `classify` says what ENCODEKEY's DEST and CPUID
+prove, names a mode only when they prove it, and otherwise says what is known.
+This module is pure policy: no model, no hardware access (platform.py applies it).
 """
 from dataclasses import dataclass
 
@@ -20,15 +22,18 @@ class Mode:
     backup: bool            # the kernel copies the IWKEY to platform storage (MSR 0xD91)
     remember: bool          # the kernel (or host) keeps a software copy of the IWKEY
     paravirt: bool          # a guest: the hypervisor keys the IWKEY
-    survives_s3: bool       # handles made before S3 work after it (when all goes as designed)
-    survives_s4: bool
+    survives_s3: bool | None    # handles made before S3 work after it (when all goes as
+    survives_s4: bool | None    # designed); None = only the hypervisor host knows
     verifiable: bool        # software can check from the inside that it got this mode
     needs: tuple            # platform capabilities the mode needs (see Caps)
     iwkey: str              # where the IWKEY lives, one line
     restore: str            # what happens after S3/S4, one line
     tradeoff: str           # the security trade-off, one line (LKML objections included)
 
-    def survives(self, state: str) -> bool:
+    def survives(self, state: str) -> bool | None:
+        """s2idle keeps the IWKEY (the CPU package stays powered); s3/s4 as the table says."""
+        if state == "s2idle":
+            return True
         return self.survives_s3 if state == "s3" else self.survives_s4
 
     def as_dict(self) -> dict:
@@ -45,8 +50,9 @@ MODES = {m.name: m for m in (
          needs=("native", "keysource_random", "backup"),
          iwkey="CPU-random (KeySource=1): never known to any software",
          restore="restored from the platform backup (MSR 0xD92)",
-         tradeoff="strongest: no software ever sees the IWKEY; needs backup hardware, and "
-                  "a failed restore loses every handle"),
+         tradeoff="no software ever sees the IWKEY; needs backup storage, and a failed "
+                  "restore loses every handle; the backup itself is the CPU's (encrypted, "
+                  "unreadable by software) but lives outside the package during S3/S4"),
     Mode("native_kernel_key_remember", keysource=0, nobackup=False, backup=False, remember=True,
          paravirt=False, survives_s3=True, survives_s4=True, verifiable=False,
          needs=("native",),
@@ -61,29 +67,32 @@ MODES = {m.name: m for m in (
          restore="restored from the platform backup (MSR 0xD92)",
          tradeoff="the IWKEY was in RAM once, briefly, at boot; afterwards as strong as "
                   "native_random_key"),
-    Mode("native_kernel_key_norestore", keysource=0, nobackup=True, backup=False, remember=False,
+    Mode("native_kernel_key_norestore", keysource=1, nobackup=True, backup=False, remember=False,
          paravirt=False, survives_s3=False, survives_s4=False, verifiable=True,
          needs=("native",),
-         iwkey="random, loaded with NoBackup=1; no copy anywhere",
+         iwkey="random and never restored: the strongest variant the CPU allows — CPU-random "
+               "(KeySource=1) with NoBackup, else a wiped software key with NoBackup, else "
+               "without NoBackup on a CPU that lacks it (never backed up)",
          restore="nothing: a new IWKEY is loaded and every handle dies",
          tradeoff="nothing can bring the IWKEY back, so a suspended machine holds no usable "
                   "handle; the price is a passphrase after every resume (klcrypt drops the "
                   "handles before sleeping, like cryptsetup luksSuspend)"),
     Mode("paravirt_any", keysource=0, nobackup=False, backup=False, remember=True,
-         paravirt=True, survives_s3=True, survives_s4=True, verifiable=False,
+         paravirt=True, survives_s3=None, survives_s4=None, verifiable=False,
          needs=("guest",),
          iwkey="chosen by the hypervisor by any mechanism (here: a software key the host "
                "keeps for this guest)",
-         restore="the host reloads the guest's IWKEY",
+         restore="whatever the host does (only the host knows; here the simulated host "
+                 "reloads the guest's key)",
          tradeoff="the host knows or controls the IWKEY; per-guest software keys cost a "
                   "LOADIWKEY on every VM entry/exit (~600 cycles, ACRN)"),
     Mode("paravirt_random", keysource=1, nobackup=False, backup=False, remember=False,
-         paravirt=True, survives_s3=True, survives_s4=False, verifiable=False,
+         paravirt=True, survives_s3=None, survives_s4=None, verifiable=False,
          needs=("guest",),
          iwkey="asked of the host: a CPU-random IWKEY (here: the simulated host loads "
                "KeySource=1 for this guest instance)",
-         restore="S3: the host restores the instance's key; S4: a new instance gets a new "
-                 "random key, every handle dies",
+         restore="only the host knows (the simulated host: S3 restores the key from its "
+                 "backup where the CPU has backup storage, else a new key; S4 a new key)",
          tradeoff="a guest cannot verify it got a random key: the host controls CPUID and "
                   "CR4.KL and can lie (LKML); one random IWKEY shared between host and guests "
                   "would share handles"),
@@ -140,24 +149,104 @@ def check_supported(mode: Mode, caps: Caps) -> None:
             f"it needs {', '.join(_NEED_TEXT[n] for n in lack)}")
 
 
+def norestore_variant(caps: Caps) -> tuple[int, str]:
+    """The strongest IWKEY native_kernel_key_norestore can load here: (LOADIWKEY
+    control bits, what it is in words).  Never claims a NoBackup the CPU lacks."""
+    ctl = (1 << 1 if caps.keysource_random else 0) | (1 if caps.nobackup else 0)
+    src = ("CPU-random (KeySource=1, never seen by software)" if caps.keysource_random
+           else "a random software key (KeySource=0) wiped from RAM after loading")
+    if caps.nobackup:
+        nb = "with NoBackup=1 (it can never be backed up)"
+    elif caps.backup:
+        nb = ("without NoBackup (this CPU lacks it; the key is never backed up by klcrypt, "
+              "but ring 0 could)")
+    else:
+        nb = "without NoBackup (this CPU lacks it, and has no backup storage either)"
+    return ctl, f"{src}, {nb}"
+
+
 def select_auto(caps: Caps) -> tuple[Mode, str]:
-    """The strongest mode the platform can honour, and why."""
+    """The first mode in auto's order of preference the platform can honour, and
+    why.  The order ranks what survives a sleep without the IWKEY in RAM; it is
+    not a strength ranking (native_kernel_key_norestore keeps nothing anywhere)."""
     if caps.guest:
         return MODES["paravirt_any"], (
-            "a guest: the hypervisor keys Key Locker; paravirt_random is never chosen "
-            "automatically because a guest cannot verify that the host gave it a random key")
+            "a guest: the hypervisor keys Key Locker (how, and whether handles survive a "
+            "sleep, only the host knows); paravirt_random is never chosen automatically "
+            "because a guest cannot verify that the host gave it a random key")
     if caps.keysource_random and caps.backup:
         return MODES["native_random_key"], (
-            "the CPU can make a random IWKEY no software ever sees (KeySource=1) and back it "
-            "up, so handles survive S3/S4")
+            "the CPU enumerates a CPU-random IWKEY (KeySource=1) and backup storage: handles "
+            "can survive S3/S4 through the backup without any software knowing the IWKEY")
     if caps.backup:
         return MODES["native_kernel_key_backup"], (
-            "no CPU-random IWKEY (KeySource=1) here; a software IWKEY is backed up and "
-            "wiped from RAM, so handles survive S3/S4")
+            "backup storage but no CPU-random IWKEY (KeySource=1): a random software IWKEY "
+            "is backed up and wiped from RAM, so handles can survive S3/S4")
+    _, variant = norestore_variant(caps)
     return MODES["native_kernel_key_norestore"], (
-        "no IWKEY backup storage: surviving a sleep would need the IWKEY kept in RAM "
-        "(native_kernel_key_remember), which auto never chooses; handles die on sleep and "
-        "the mapping locks until 'klcrypt unlock'")
+        "no IWKEY backup storage: surviving S3/S4 would need the IWKEY kept in RAM "
+        "(native_kernel_key_remember), which auto never chooses; loaded: " + variant +
+        "; handles die on S3/S4 and the mapping locks until 'klcrypt unlock'")
+
+
+# ---------------------------------------------------------------------------
+# What the evidence proves (hardware: the kernel or the host owns the IWKEY)
+
+@dataclass(frozen=True)
+class Finding:
+    """What ENCODEKEY's DEST, CPUID.19H and the hypervisor bit prove."""
+    mode: str | None          # the mode the evidence proves; None = not provable
+    known: str                # exactly what is known, one sentence
+    survives: bool | None     # handles across S3/S4: True / False proven, None unknown
+    survival: str             # the same in words
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, "known": self.known, "survives": self.survives,
+                "survival": self.survival}
+
+
+def provenance_text(dest: int) -> str:
+    """ENCODEKEY's DEST (bit 0 NoBackup, bits 4:1 KeySource) in words."""
+    ks = (dest >> 1) & 0xF
+    src = {0: "software IWKEY (KeySource 0)",
+           1: "CPU-random IWKEY (KeySource 1)"}.get(ks, f"IWKEY with KeySource {ks}")
+    return src + (", NoBackup" if dest & 1 else ", backup allowed")
+
+
+def classify(caps: Caps, dest: int) -> Finding:
+    """Name a mode only when DEST + CPUID prove it; otherwise say what is known."""
+    nobackup, ks = bool(dest & 1), (dest >> 1) & 0xF
+    prov = provenance_text(dest)
+    if caps.guest:
+        return Finding(None, (
+            f"a guest (hypervisor bit set): ENCODEKEY reports a {prov}, but the host controls "
+            "CPUID and CR4.KL and can emulate Key Locker, so neither the source of the IWKEY "
+            "nor a random key can be verified from inside"), None,
+            "unknown: only the host knows what happens to the handles across a sleep or a "
+            "migration")
+    if ks == 1 and (nobackup or not caps.backup):
+        why = "NoBackup" if nobackup else "this CPU enumerates no backup storage"
+        return Finding("native_kernel_key_norestore", (
+            f"{prov}: no software knows it and nothing can restore it ({why})"), False,
+            "no: handles die on S3/S4 (proven: a CPU-random key without backup)")
+    if ks == 1:
+        return Finding("native_random_key", (
+            f"{prov}: no software knows it; this CPU enumerates backup storage"), None,
+            "unknown: only if the kernel backed it up and the platform restore works "
+            "(userspace cannot read the backup MSRs); checked after every resume")
+    if ks == 0:
+        if nobackup:
+            maybe = ("the kernel may keep a copy in RAM (remember) or not (norestore); "
+                     "it can never be backed up")
+        elif caps.backup:
+            maybe = ("the kernel may have backed it up (backup), keep a copy in RAM "
+                     "(remember), or neither")
+        else:
+            maybe = ("this CPU has no backup storage, so only a copy in kernel RAM "
+                     "(remember) could restore it")
+        return Finding(None, f"{prov}, kernel-known: {maybe}", None,
+                       "unknown across S3/S4; checked after every resume")
+    return Finding(None, f"{prov}: a KeySource klcrypt does not know", None, "unknown")
 
 
 def resolve(requested: str | None, caps: Caps, token_default: str | None = None
