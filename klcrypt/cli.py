@@ -41,10 +41,17 @@ VERBS = [
     Verb("add-key", "add_key", "add a keyslot (cryptsetup luksAddKey)"),
     Verb("remove-key", "remove_key", "remove a keyslot (cryptsetup luksRemoveKey/luksKillSlot)"),
     Verb("change-key", "change_key", "change a keyslot's passphrase (cryptsetup luksChangeKey)"),
-    Verb("dump", "dump", "show the LUKS2 header (cryptsetup luksDump); never shows keys"),
+    Verb("convert-key", "convert_key", "re-wrap a keyslot with new PBKDF parameters "
+         "(cryptsetup luksConvertKey)"),
+    Verb("dump", "dump", "show the LUKS2 header (cryptsetup luksDump); keys only with "
+         "--dump-volume-key"),
     Verb("header-backup", "header_backup", "save the LUKS2 header to a file"),
     Verb("header-restore", "header_restore", "restore the LUKS2 header from a backup file"),
     Verb("repair", "repair", "rewrite a damaged LUKS2 header copy from the good one"),
+    Verb("uuid", "uuid", "print or set the volume UUID (cryptsetup luksUUID)"),
+    Verb("is-luks", "is_luks", "exit 0 if DEVICE has a LUKS header, 1 if not (cryptsetup isLuks)"),
+    Verb("erase", "erase", "wipe every keyslot: the volume can never be opened again "
+         "(cryptsetup luksErase)"),
     Verb("benchmark", "benchmark", "measure the AES-XTS engines (MiB/s, like cryptsetup benchmark)"),
 ]
 

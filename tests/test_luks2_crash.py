@@ -10,13 +10,15 @@ from klcrypt.luks2 import disk
 from luks2util import HAVE_CRYPTSETUP, cs, write_key
 
 FAST = luks2.PbkdfOptions("pbkdf2", force_iterations=1000)
+OLD_UUID = "0badc0de-0000-4000-8000-000000000001"
+NEW_UUID = "0badc0de-0000-4000-8000-000000000002"
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     d = tmp_path_factory.mktemp("crash")
     img = str(d / "base.img")
-    luks2.format_volume(img, bytearray(b"old"), size=17 << 20, pbkdf=FAST)
+    luks2.format_volume(img, bytearray(b"old"), size=17 << 20, pbkdf=FAST, uuid=OLD_UUID)
     luks2.add_key(img, bytearray(b"old"), bytearray(b"other"), pbkdf=FAST)
     luks2.set_klcrypt_token(img, {"engine": "openssl"})
     return img
@@ -39,6 +41,8 @@ OPS = {
     "change-key": (lambda p: luks2.change_key(p, bytearray(b"old"), bytearray(b"new"),
                                               pbkdf=FAST),
                    lambda p: opens(p, b"old") or opens(p, b"new")),
+    "uuid": (lambda p: luks2.set_uuid(p, NEW_UUID),
+             lambda p: opens(p, b"old") and luks2.load(p).uuid in (OLD_UUID, NEW_UUID)),
     "token": (lambda p: luks2.set_klcrypt_token(p, {"engine": "aesni"}),
               lambda p: opens(p, b"old") and luks2.load(p).token("klcrypt")["engine"]
               in ("openssl", "aesni")),

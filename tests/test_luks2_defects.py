@@ -63,7 +63,9 @@ def test_defect(tmp_path, base, row, capsys):
     for argv in (["dump", img], ["open", "--test-passphrase", "--key-file", kf, img],
                  ["add-key", "--key-file", kf, img, kf], ["change-key", "--key-file", kf, img, kf],
                  ["remove-key", "--key-file", kf, img], ["repair", img],
-                 ["header-backup", img, str(tmp_path / "bk")]):
+                 ["header-backup", img, str(tmp_path / "bk")], ["uuid", img],
+                 ["uuid", "-q", "--uuid", "01234567-89ab-4def-8123-456789abcdef", img],
+                 ["convert-key", "--key-file", kf, img], ["erase", "-q", img]):
         capsys.readouterr()
         assert cli.main(argv) == code, argv
         err = capsys.readouterr().err

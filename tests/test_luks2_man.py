@@ -12,8 +12,8 @@ from klcrypt.exitcodes import ExitCode
 
 pytestmark = pytest.mark.unit
 PAGE = os.path.join(os.path.dirname(__file__), "..", "man", "klcrypt-luks2.8")
-VERBS = ["format", "open", "add-key", "remove-key", "change-key", "dump", "header-backup",
-         "header-restore", "repair"]
+VERBS = ["format", "open", "add-key", "remove-key", "change-key", "convert-key", "dump",
+         "header-backup", "header-restore", "repair", "uuid", "is-luks", "erase"]
 # open's mapping options are documented by the mapping pages
 NOT_HERE = {"open"}
 OPEN_OPTIONS = {"--test-passphrase", "-T", "--tries", "-d", "--key-file", "-l", "--keyfile-size",
