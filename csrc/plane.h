@@ -2,11 +2,15 @@
  *
  * The Python control plane mounts (klc_fuse_mount), builds an engine context
  * (klc_xts) and a plane over the backing store, lets the plane answer FUSE_INIT
- * (klc_plane_init), then starts the worker threads (klc_plane_start).  Each
- * worker reads requests from its own /dev/fuse descriptor (cloned from the
- * session's with FUSE_DEV_IOC_CLONE) and answers them itself: one backing
- * pread/pwrite of whole sectors and one engine call per READ/WRITE.  The
- * threads end when the filesystem is unmounted (ENODEV).
+ * (klc_plane_init), then starts the transport's threads (klc_plane_start).
+ * With the /dev/fuse transport each thread reads requests from its own
+ * descriptor (cloned from the session's with FUSE_DEV_IOC_CLONE) and answers
+ * them itself: one backing pread/pwrite of whole sectors and one engine call
+ * per READ/WRITE.  The threads end when the filesystem is unmounted (ENODEV).
+ * The socket transport does the same on one end of a SOCK_SEQPACKET
+ * socketpair standing in for /dev/fuse (tests without root; EOF ends it).
+ * Inside: csrc/transport.h (the transport interface), plane_session.c,
+ * plane_core.c, plane.c, plane_dev.c.
  *
  * Ownership: the plane borrows the klc_xts context and the two descriptors; the
  * caller frees/closes them after klc_plane_wait() returned 1 (or after
@@ -23,6 +27,11 @@ typedef struct klc_plane klc_plane;
 
 #define KLC_PLANE_MAX_WRITE    1048576   /* bytes per FUSE request (max_write, max_pages) */
 #define KLC_PLANE_MAX_THREADS  64
+
+/* klc_plane_config.transport */
+#define KLC_TRANSPORT_DEV      0   /* /dev/fuse: read/writev, one cloned descriptor per thread */
+#define KLC_TRANSPORT_SOCKET   1   /* fuse_fd is a SOCK_SEQPACKET socket (in-process tests) */
+#define KLC_TRANSPORT_URING    2   /* FUSE over io_uring (if compiled in; else -EOPNOTSUPP) */
 
 struct klc_plane_config {
     int fuse_fd;              /* the session's /dev/fuse descriptor (already mounted) */
@@ -43,6 +52,7 @@ struct klc_plane_config {
     uint32_t lock_timeout_ms; /* how long a request waits while the plane is locked */
     int lock_on_key_failure;  /* a KLC_ERR_KEYLOCKER from the engine locks the plane and
                                  the request waits for a new context instead of EIO */
+    int transport;            /* KLC_TRANSPORT_*: how requests reach the plane */
 };
 
 struct klc_plane_stats {
@@ -59,11 +69,13 @@ struct klc_plane_stats {
     uint64_t lock_timeouts;   /* requests that gave up waiting on a locked plane */
     uint64_t reply_errors;    /* writing a reply to /dev/fuse failed (not ENOENT) */
     uint64_t requests;        /* all requests read from /dev/fuse */
+    uint64_t malformed;       /* messages too short for a header, or len != bytes read */
     int locked;               /* 1 while no context is installed */
     int key_failed;           /* 1 once an engine call failed with KLC_ERR_KEYLOCKER */
     int threads;              /* worker threads still running */
     uint32_t proto_minor;     /* negotiated FUSE protocol minor */
     uint32_t max_write;       /* negotiated bytes per request */
+    char transport[16];       /* the running transport's name ("dev", "socket", "uring") */
 };
 
 /* Open /dev/fuse and mount(2) it on target (a regular file or a directory):
@@ -77,7 +89,10 @@ int klc_plane_new(const struct klc_plane_config *cfg, klc_xts *ctx, klc_plane **
 /* Read FUSE_INIT from the session descriptor (waiting at most timeout_ms) and
  * answer it with the plane's choices.  0, or -errno (-ETIMEDOUT, -EPROTO). */
 int klc_plane_init(klc_plane *p, int timeout_ms);
-/* Start the worker threads.  0 or -errno (then no thread is running). */
+/* Start the transport's threads.  0 or -errno (then no thread is running,
+ * except after a partial start: see klc_plane_start in plane.c).
+ * -EOPNOTSUPP: the transport is not compiled in or the kernel did not grant
+ * what it needs at INIT. */
 int klc_plane_start(klc_plane *p);
 /* Wait at most timeout_ms for every worker to end (after unmount).  1 when all
  * ended (and were joined), 0 on timeout. */

@@ -1,4 +1,4 @@
-"""Thin checked wrapper around the C data plane (csrc/plane.c)."""
+"""Thin checked wrapper around the C data plane (csrc/plane*.c, csrc/plane.h)."""
 import errno
 import os
 
@@ -8,7 +8,11 @@ from ..native import ffi, lib
 STAT_FIELDS = ("reads", "writes", "read_bytes", "written_bytes", "rmw", "syncs",
                "read_errors", "write_errors", "sync_errors", "engine_errors",
                "lock_timeouts", "reply_errors", "requests", "locked", "key_failed",
-               "threads", "proto_minor", "max_write")
+               "threads", "proto_minor", "max_write", "malformed")
+
+# how requests reach the plane (klc_plane_config.transport)
+TRANSPORTS = {"dev": lib.KLC_TRANSPORT_DEV, "socket": lib.KLC_TRANSPORT_SOCKET,
+              "uring": lib.KLC_TRANSPORT_URING}
 
 
 def _os_error(rc: int, what: str) -> OSError:
@@ -32,7 +36,9 @@ class Plane:
                  threads: int = 8, direct_io: bool = False, uid: int = 0, gid: int = 0,
                  mode: int = 0o600, max_write: int = 1 << 20, max_background: int = 64,
                  engine_threads: int = 0, lock_timeout_ms: int = 30000,
-                 lock_on_key_failure: bool = False):
+                 lock_on_key_failure: bool = False, transport: str = "dev"):
+        if transport not in TRANSPORTS:
+            raise errors.UsageError(f"data plane: unknown transport {transport!r}")
         cfg = ffi.new("struct klc_plane_config *")
         cfg.fuse_fd = fuse_fd
         cfg.backing_fd = backing_fd
@@ -49,8 +55,11 @@ class Plane:
         cfg.engine_threads = engine_threads
         cfg.lock_timeout_ms = lock_timeout_ms
         cfg.lock_on_key_failure = int(lock_on_key_failure)
+        cfg.transport = TRANSPORTS[transport]
         out = ffi.new("klc_plane **")
         rc = lib.klc_plane_new(cfg, xts._ctx, out)
+        if rc == -errno.EOPNOTSUPP:
+            raise errors.UnsupportedError(f"data plane: transport {transport!r} is not built in")
         if rc < 0:
             raise errors.UsageError(f"data plane: invalid configuration ({os.strerror(-rc)})")
         self._p = out[0]
@@ -67,6 +76,9 @@ class Plane:
 
     def start(self) -> None:
         rc = lib.klc_plane_start(self._p)
+        if rc == -errno.EOPNOTSUPP:
+            raise errors.MountError("the kernel did not grant what the data plane's transport"
+                                    " needs at FUSE INIT")
         if rc < 0:
             raise errors.MountError(f"cannot start the data plane threads: {os.strerror(-rc)}")
         self.started = True
@@ -78,7 +90,9 @@ class Plane:
     def stats(self) -> dict:
         st = ffi.new("struct klc_plane_stats *")
         lib.klc_plane_stats(self._p, st)
-        return {f: int(getattr(st, f)) for f in STAT_FIELDS}
+        out = {f: int(getattr(st, f)) for f in STAT_FIELDS}
+        out["transport"] = ffi.string(st.transport).decode()
+        return out
 
     def lock(self):
         """Park new requests; returns the XTS object the plane was using (or None)."""
