@@ -332,6 +332,7 @@ void klc_plane_stats(klc_plane *p, struct klc_plane_stats *out)
     out->proto_minor = p->proto_minor;
     out->max_write = p->max_write;
     snprintf(out->transport, sizeof out->transport, "%s", p->tp->name);
+    out->wb_errno = __atomic_load_n(&p->wb_err, __ATOMIC_RELAXED);
 }
 
 void klc_plane_free(klc_plane *p)

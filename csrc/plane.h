@@ -61,7 +61,7 @@ struct klc_plane_stats {
     uint64_t read_bytes;      /* plaintext bytes returned */
     uint64_t written_bytes;   /* plaintext bytes accepted */
     uint64_t rmw;             /* writes that read-modify-wrote a partial sector */
-    uint64_t syncs;           /* FSYNC/FLUSH/SYNCFS that reached fdatasync */
+    uint64_t syncs;           /* FSYNC/SYNCFS whose fdatasync succeeded (FLUSH: none) */
     uint64_t read_errors;     /* backing pread failed or came up short */
     uint64_t write_errors;    /* backing pwrite failed (EIO, ENOSPC, ...) */
     uint64_t sync_errors;     /* fdatasync failed */
@@ -70,12 +70,15 @@ struct klc_plane_stats {
     uint64_t reply_errors;    /* writing a reply to /dev/fuse failed (not ENOENT) */
     uint64_t requests;        /* all requests read from /dev/fuse */
     uint64_t malformed;       /* messages too short for a header, or len != bytes read */
+    uint64_t wb_errors;       /* backing write or sync errors (pwrite, fdatasync) */
     int locked;               /* 1 while no context is installed */
     int key_failed;           /* 1 once an engine call failed with KLC_ERR_KEYLOCKER */
     int threads;              /* worker threads still running */
     uint32_t proto_minor;     /* negotiated FUSE protocol minor */
     uint32_t max_write;       /* negotiated bytes per request */
     char transport[16];       /* the running transport's name ("dev", "socket", "uring") */
+    int wb_errno;             /* the first backing write/sync error (0: none); every
+                                 FSYNC/FLUSH/SYNCFS returns it until the plane is freed */
 };
 
 /* Open /dev/fuse and mount(2) it on target (a regular file or a directory):

@@ -4,8 +4,9 @@
  * One request = at most one backing pread (reads, or the partial head/tail
  * sectors of a write) + one engine call over all its sectors + one backing
  * pwrite.  No caching here: the kernel's page cache is the only cache
- * (write-through: no FUSE_WRITEBACK_CACHE), and FSYNC/FLUSH reach the backing
- * store as fdatasync.
+ * (write-through: no FUSE_WRITEBACK_CACHE), FSYNC/SYNCFS reach the backing
+ * store as fdatasync, and the first backing write/sync error is latched for
+ * every later FSYNC/FLUSH/SYNCFS (see do_sync).
  *
  * Offset maths: span_of() is the only place a file offset becomes sectors,
  * a backing offset or an XTS tweak; everything else works on its result.
@@ -114,6 +115,22 @@ static int pwrite_full(int fd, const uint8_t *buf, size_t len, uint64_t off)
         done += (size_t)r;
     }
     return 0;
+}
+
+/* Write-error latching.  The backing descriptor is one shared file: the
+ * kernel's errseq reports a writeback error of the backing file to the first
+ * fsync after it and then forgets it, so whichever sync came first (a FLUSH
+ * from an unrelated close, say) would consume the error and the sync that
+ * matters (ext4's journal commit through the loop device) would succeed over
+ * lost data.  So the plane keeps the first backing write or sync error itself
+ * and returns it to every later FSYNC/FLUSH/SYNCFS until it is freed (the
+ * mapping closed): sticky, as a disk that lost a write stays suspect.  WRITE
+ * replies still carry their own error; reads are not affected. */
+static void wb_error(klc_plane *p, int err)
+{
+    int none = 0;
+    ADD(wb_errors, 1);
+    __atomic_compare_exchange_n(&p->wb_err, &none, err, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
 
 /* ---- replies -------------------------------------------------------------- */
@@ -286,8 +303,10 @@ static int write_sectors(struct klc_io *io, uint64_t off, uint64_t len, const ui
         klc_ctx_put(p);
         if (rc == KLC_OK) {
             rc = pwrite_full(p->cfg.backing_fd, buf, s.nbytes, s.dev_off);
-            if (rc < 0)
+            if (rc < 0) {
                 ADD(write_errors, 1);
+                wb_error(p, -rc);
+            }
             break;
         }
         if (!klc_ctx_failed(p, c, rc)) {
@@ -327,18 +346,29 @@ static int do_write(struct klc_io *io, const struct klc_req *rq, const struct fu
 
 /* ---- the other opcodes --------------------------------------------------------- */
 
+/* FSYNC and SYNCFS: fdatasync of the backing store, then the latched error.
+ * FLUSH (sent at every close(2) of a descriptor of the file) does not sync:
+ * close promises no durability (POSIX; nor does closing a block device or a
+ * dm-crypt device), the loop device and ext4 ask for it with REQ_PREFLUSH,
+ * which reaches us as FSYNC, and every WRITE was already answered (no
+ * writeback cache) so there is nothing of ours to push.  A per-close
+ * fdatasync cost a cache flush of the backing disk for every blkid/udev probe
+ * and, worse, consumed errseq errors before the FSYNC that needed them.  FLUSH
+ * still returns the latched error, so close(2) reports a lost write. */
 static int do_sync(struct klc_io *io, const struct klc_req *rq, struct klc_reply *rep)
 {
     klc_plane *p = io->p;
     if (p->cfg.read_only)
-        return answer_err(rq, rep, 0);
-    if (fdatasync(p->cfg.backing_fd) != 0) {
-        int e = errno;
-        ADD(sync_errors, 1);
-        return answer_err(rq, rep, e);
+        return answer_err(rq, rep, 0);        /* nothing was ever written */
+    if (rq->in->opcode != FUSE_FLUSH) {
+        if (fdatasync(p->cfg.backing_fd) != 0) {
+            ADD(sync_errors, 1);
+            wb_error(p, errno);
+        } else {
+            ADD(syncs, 1);
+        }
     }
-    ADD(syncs, 1);
-    return answer_err(rq, rep, 0);
+    return answer_err(rq, rep, __atomic_load_n(&p->wb_err, __ATOMIC_SEQ_CST));
 }
 
 static int do_setattr(struct klc_io *io, const struct klc_req *rq,

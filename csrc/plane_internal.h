@@ -53,6 +53,8 @@ struct klc_plane {
     int running;              /* under mu */
     pthread_cond_t ended;
 
+    int wb_err;               /* first backing write/sync errno, latched (atomic) */
+
     struct klc_plane_stats st;  /* counters, updated with atomics */
 };
 

@@ -319,3 +319,53 @@ def test_fuzz_request_bytes(tmp_path_factory):
         assert h.plane.stats()["threads"] == 3
     finally:
         h.close()
+
+
+def test_flush_does_not_sync_fsync_does(plane):
+    for req in (fw.flush(), fw.flush()):
+        assert plane.call(req).error == 0
+    assert plane.plane.stats()["syncs"] == 0          # close(2) promises no durability
+    assert plane.call(fw.fsync()).error == 0
+    assert plane.call(fw.syncfs()).error == 0
+    st_ = plane.plane.stats()
+    assert st_["syncs"] == 2 and st_["wb_errors"] == 0 and st_["wb_errno"] == 0
+
+
+def test_backing_write_error_is_latched_for_every_later_sync(tmp_path):
+    """errseq as the kernel keeps it, but sticky: a lost write fails every later FSYNC/FLUSH/SYNCFS."""
+    fd = os.open("/dev/full", os.O_RDWR)
+    try:
+        h = InprocPlane(tmp_path, backing=fd)
+        h.start()
+        try:
+            assert h.call(fw.flush()).error == 0             # nothing lost yet
+            assert h.call(fw.write(0, b"x" * 4096)).error == -errno.ENOSPC
+            # (fdatasync of /dev/full fails too, with EINVAL: the first error is the one kept)
+            for req in (fw.flush(), fw.fsync(), fw.flush(), fw.syncfs(), fw.fsync(), fw.flush()):
+                assert h.call(req).error == -errno.ENOSPC
+            st_ = h.plane.stats()
+            assert st_["wb_errors"] == 1 + st_["sync_errors"] and st_["wb_errno"] == errno.ENOSPC
+            assert h.call(fw.read(0, 4096)).error == 0       # reads unaffected
+        finally:
+            h.close()
+    finally:
+        os.close(fd)
+
+
+def test_backing_sync_error_is_latched(tmp_path):
+    """fdatasync failing once (here: a pipe as the backing, EINVAL) fails every later sync."""
+    r, w = os.pipe()
+    try:
+        h = InprocPlane(tmp_path, backing=w)
+        h.start()
+        try:
+            assert h.call(fw.flush()).error == 0             # FLUSH does not touch the backing
+            assert h.call(fw.fsync()).error == -errno.EINVAL
+            assert h.call(fw.flush()).error == -errno.EINVAL
+            st_ = h.plane.stats()
+            assert st_["sync_errors"] == 1 and st_["wb_errno"] == errno.EINVAL
+        finally:
+            h.close()
+    finally:
+        os.close(r)
+        os.close(w)

@@ -8,7 +8,7 @@ from ..native import ffi, lib
 STAT_FIELDS = ("reads", "writes", "read_bytes", "written_bytes", "rmw", "syncs",
                "read_errors", "write_errors", "sync_errors", "engine_errors",
                "lock_timeouts", "reply_errors", "requests", "locked", "key_failed",
-               "threads", "proto_minor", "max_write", "malformed")
+               "threads", "proto_minor", "max_write", "malformed", "wb_errors", "wb_errno")
 
 # how requests reach the plane (klc_plane_config.transport)
 TRANSPORTS = {"dev": lib.KLC_TRANSPORT_DEV, "socket": lib.KLC_TRANSPORT_SOCKET,
