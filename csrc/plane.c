@@ -258,6 +258,10 @@ int klc_plane_new(const struct klc_plane_config *cfg, klc_xts *ctx, klc_plane **
         return -ENOMEM;
     p->cfg = *cfg;
     p->tp = tp;
+    p->size = cfg->size;
+    p->allow_discards = !!cfg->allow_discards;
+    struct stat bsb;
+    p->backing_blk = fstat(cfg->backing_fd, &bsb) == 0 && S_ISBLK(bsb.st_mode);
     p->ctx = ctx;
     p->mode = cfg->mode & 07777;
     p->uid = cfg->uid;
@@ -333,6 +337,27 @@ void klc_plane_stats(klc_plane *p, struct klc_plane_stats *out)
     out->max_write = p->max_write;
     snprintf(out->transport, sizeof out->transport, "%s", p->tp->name);
     out->wb_errno = __atomic_load_n(&p->wb_err, __ATOMIC_RELAXED);
+    out->size = klc_size(p);
+    out->allow_discards = __atomic_load_n(&p->allow_discards, __ATOMIC_RELAXED);
+}
+
+int klc_plane_set_size(klc_plane *p, uint64_t new_size)
+{
+    if (!p || new_size == 0 || new_size % p->cfg.sector_size || new_size > (uint64_t)INT64_MAX)
+        return -EINVAL;
+    uint64_t old = __atomic_exchange_n(&p->size, new_size, __ATOMIC_ACQ_REL);
+    if (!p->initialized || old == new_size)
+        return 0;
+    /* growing: only the attributes are stale; shrinking: so are cached pages past the end */
+    return klc_session_inval(p, new_size < old ? (int64_t)new_size : -1, 0);
+}
+
+int klc_plane_set_discards(klc_plane *p, int on)
+{
+    if (!p)
+        return -EINVAL;
+    __atomic_store_n(&p->allow_discards, !!on, __ATOMIC_RELEASE);
+    return 0;
 }
 
 void klc_plane_free(klc_plane *p)

@@ -53,6 +53,9 @@ struct klc_plane_config {
     int lock_on_key_failure;  /* a KLC_ERR_KEYLOCKER from the engine locks the plane and
                                  the request waits for a new context instead of EIO */
     int transport;            /* KLC_TRANSPORT_*: how requests reach the plane */
+    int allow_discards;       /* FALLOCATE(PUNCH_HOLE|KEEP_SIZE) of whole sectors punches a
+                                 hole in a backing file / BLKDISCARDs a backing block device;
+                                 0: EOPNOTSUPP (dm-crypt's default).  See klc_plane_set_discards. */
 };
 
 struct klc_plane_stats {
@@ -71,6 +74,10 @@ struct klc_plane_stats {
     uint64_t requests;        /* all requests read from /dev/fuse */
     uint64_t malformed;       /* messages too short for a header, or len != bytes read */
     uint64_t wb_errors;       /* backing write or sync errors (pwrite, fdatasync) */
+    uint64_t discards;        /* discards (punch hole / BLKDISCARD) that reached the backing */
+    uint64_t discard_bytes;   /* bytes discarded */
+    uint64_t discard_errors;  /* discards the backing refused */
+    uint64_t size;            /* bytes: the file size the plane reports now */
     int locked;               /* 1 while no context is installed */
     int key_failed;           /* 1 once an engine call failed with KLC_ERR_KEYLOCKER */
     int threads;              /* worker threads still running */
@@ -79,6 +86,7 @@ struct klc_plane_stats {
     char transport[16];       /* the running transport's name ("dev", "socket", "uring") */
     int wb_errno;             /* the first backing write/sync error (0: none); every
                                  FSYNC/FLUSH/SYNCFS returns it until the plane is freed */
+    int allow_discards;       /* discards passed down now */
 };
 
 /* Open /dev/fuse and mount(2) it on target (a regular file or a directory):
@@ -107,6 +115,22 @@ void klc_plane_stats(klc_plane *p, struct klc_plane_stats *out);
 int klc_plane_lock(klc_plane *p, klc_xts **old);
 /* Install a new context and wake the parked requests. */
 int klc_plane_unlock(klc_plane *p, klc_xts *ctx);
+/* Online resize: from now on report new_size bytes (a multiple of the sector
+ * size, > 0; the caller checked that the backing store holds it) and tell the
+ * kernel with FUSE_NOTIFY_INVAL_INODE (attributes; on a shrink also the page
+ * cache past the new end).  The kernel fetches the new size at its next
+ * GETATTR: stat(2) the file before LOOP_SET_CAPACITY, which reads the cached
+ * inode size.  Requests already past their size check finish with the old
+ * size.  0, -EINVAL, or the notification's write error. */
+int klc_plane_set_size(klc_plane *p, uint64_t new_size);
+/* fdatasync the backing store as FSYNC does (an error is latched like one
+ * met by FSYNC) and return the latched error: 0 or -errno.  The control
+ * plane's own flushes (before sleep, ...) go through this, never a bare
+ * fdatasync of the backing descriptor, which would consume the backing
+ * file's errseq error before the plane sees it. */
+int klc_plane_sync(klc_plane *p);
+/* Switch discards on/off on a live plane (cryptsetup refresh --allow-discards). */
+int klc_plane_set_discards(klc_plane *p, int on);
 /* Free the plane; only after klc_plane_wait returned 1 or klc_plane_start failed
  * or was never called. */
 void klc_plane_free(klc_plane *p);

@@ -31,6 +31,9 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -160,8 +163,8 @@ static void fill_attr(klc_plane *p, struct fuse_attr *a)
 {
     memset(a, 0, sizeof *a);
     a->ino = FUSE_ROOT_ID;
-    a->size = p->cfg.size;
-    a->blocks = p->cfg.size / 512;
+    a->size = klc_size(p);
+    a->blocks = a->size / 512;
     pthread_mutex_lock(&p->mu);
     a->mode = S_IFREG | (p->mode & 07777);
     a->uid = p->uid;
@@ -192,11 +195,11 @@ static int do_read(struct klc_io *io, const struct klc_req *rq, const struct fus
                    struct klc_reply *rep)
 {
     klc_plane *p = io->p;
-    uint64_t off = in->offset, len = in->size;
-    if (off >= p->cfg.size || len == 0)
+    uint64_t off = in->offset, len = in->size, size = klc_size(p);
+    if (off >= size || len == 0)
         return answer(rq, rep, 0, NULL, 0);          /* EOF: short (empty) read */
-    if (len > p->cfg.size - off)
-        len = p->cfg.size - off;                     /* short read at the end */
+    if (len > size - off)
+        len = size - off;                            /* short read at the end */
     if (rq->out && len > rq->out_cap)
         return answer_err(rq, rep, EINVAL);
     struct span s = span_of(p, off, len);
@@ -322,7 +325,7 @@ static int do_write(struct klc_io *io, const struct klc_req *rq, const struct fu
                     struct klc_reply *rep)
 {
     klc_plane *p = io->p;
-    uint64_t off = in->offset, len = in->size;
+    uint64_t off = in->offset, len = in->size, size = klc_size(p);
     if (len != rq->payload_len)
         return answer_err(rq, rep, EINVAL);
     if (p->cfg.read_only)
@@ -331,10 +334,10 @@ static int do_write(struct klc_io *io, const struct klc_req *rq, const struct fu
     memset(out, 0, sizeof *out);
     if (len == 0)
         return answer(rq, rep, 0, out, sizeof *out);
-    if (off >= p->cfg.size)
+    if (off >= size)
         return answer_err(rq, rep, ENOSPC);    /* like a block device: no room past the end */
-    if (len > p->cfg.size - off)
-        len = p->cfg.size - off;               /* short write up to the end */
+    if (len > size - off)
+        len = size - off;                      /* short write up to the end */
     int err = write_sectors(io, off, len, rq->payload);
     if (err)
         return answer_err(rq, rep, err);
@@ -355,20 +358,29 @@ static int do_write(struct klc_io *io, const struct klc_req *rq, const struct fu
  * fdatasync cost a cache flush of the backing disk for every blkid/udev probe
  * and, worse, consumed errseq errors before the FSYNC that needed them.  FLUSH
  * still returns the latched error, so close(2) reports a lost write. */
+int klc_plane_sync(klc_plane *p)
+{
+    if (!p)
+        return -EINVAL;
+    if (p->cfg.read_only)
+        return 0;                             /* nothing was ever written */
+    if (fdatasync(p->cfg.backing_fd) != 0) {
+        ADD(sync_errors, 1);
+        wb_error(p, errno);
+    } else {
+        ADD(syncs, 1);
+    }
+    return -__atomic_load_n(&p->wb_err, __ATOMIC_SEQ_CST);
+}
+
 static int do_sync(struct klc_io *io, const struct klc_req *rq, struct klc_reply *rep)
 {
     klc_plane *p = io->p;
     if (p->cfg.read_only)
-        return answer_err(rq, rep, 0);        /* nothing was ever written */
-    if (rq->in->opcode != FUSE_FLUSH) {
-        if (fdatasync(p->cfg.backing_fd) != 0) {
-            ADD(sync_errors, 1);
-            wb_error(p, errno);
-        } else {
-            ADD(syncs, 1);
-        }
-    }
-    return answer_err(rq, rep, __atomic_load_n(&p->wb_err, __ATOMIC_SEQ_CST));
+        return answer_err(rq, rep, 0);
+    if (rq->in->opcode == FUSE_FLUSH)
+        return answer_err(rq, rep, __atomic_load_n(&p->wb_err, __ATOMIC_SEQ_CST));
+    return answer_err(rq, rep, -klc_plane_sync(p));
 }
 
 static int do_setattr(struct klc_io *io, const struct klc_req *rq,
@@ -402,21 +414,70 @@ static int do_statfs(struct klc_io *io, const struct klc_req *rq, struct klc_rep
     struct fuse_statfs_out *out = &io->small.statfs;
     memset(out, 0, sizeof *out);
     out->st.bsize = out->st.frsize = p->cfg.sector_size;
-    out->st.blocks = p->cfg.size / p->cfg.sector_size;
+    out->st.blocks = klc_size(p) / p->cfg.sector_size;
     out->st.files = 1;
     out->st.namelen = 255;
     return answer(rq, rep, 0, out, sizeof *out);
+}
+
+/* Discard (FALLOCATE with PUNCH_HOLE|KEEP_SIZE, what the loop device sends for
+ * a discard) of whole sectors: a hole punched in a backing file, BLKDISCARD
+ * on a backing block device.  A discarded sector then reads back as the
+ * decryption of whatever the backing returns (zeros from a hole, so: the
+ * decryption of zeros, as with dm-crypt), not as zeros: fallocate(2)'s
+ * "reads return zeros" cannot hold for ciphertext.  For the same reason a
+ * range that is not whole sectors is refused (EOPNOTSUPP; the kernel does
+ * not disable fallocate for that answer, only for ENOSYS) rather than
+ * zero-filled: no part of the range would read back as zeros anyway, and the
+ * loop device never sends one (its logical block size is the sector size).
+ * Off unless allow_discards: discards show the backing store which sectors
+ * are unused (cryptsetup's --allow-discards warning). */
+static int do_discard(struct klc_io *io, const struct klc_req *rq,
+                      const struct fuse_fallocate_in *in, struct klc_reply *rep)
+{
+    klc_plane *p = io->p;
+    const uint64_t ss = p->cfg.sector_size, size = klc_size(p);
+    if (!__atomic_load_n(&p->allow_discards, __ATOMIC_ACQUIRE))
+        return answer_err(rq, rep, EOPNOTSUPP);
+    if (in->offset >= size || in->length == 0)
+        return answer_err(rq, rep, 0);             /* nothing of the volume in the range */
+    uint64_t end = in->length > size - in->offset ? size : in->offset + in->length;
+    if (in->offset % ss || end % ss)
+        return answer_err(rq, rep, EOPNOTSUPP);
+    struct span s = span_of(p, in->offset, end - in->offset);
+    struct range r = {.first = s.s0, .last = s.s0 + s.nbytes / ss - 1};
+    klc_range_lock(p, &r);                         /* not under a write of the same sectors */
+    int rc;
+    if (p->backing_blk) {
+        uint64_t range[2] = {s.dev_off, s.nbytes};
+        rc = ioctl(p->cfg.backing_fd, BLKDISCARD, range);
+    } else {
+        rc = fallocate(p->cfg.backing_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                       (off_t)s.dev_off, (off_t)s.nbytes);
+    }
+    int err = rc != 0 ? errno : 0;
+    klc_range_unlock(p, &r);
+    if (err) {
+        ADD(discard_errors, 1);
+        return answer_err(rq, rep, err);
+    }
+    ADD(discards, 1);
+    ADD(discard_bytes, s.nbytes);
+    return answer_err(rq, rep, 0);
 }
 
 static int do_fallocate(struct klc_io *io, const struct klc_req *rq,
                         const struct fuse_fallocate_in *in, struct klc_reply *rep)
 {
     klc_plane *p = io->p;
+    uint64_t size = klc_size(p);
     if (p->cfg.read_only)
         return answer_err(rq, rep, EROFS);
+    if (in->mode == (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE))
+        return do_discard(io, rq, in, rep);
     if (in->mode & ~(uint32_t)FALLOC_FL_KEEP_SIZE)
-        return answer_err(rq, rep, EOPNOTSUPP);  /* no hole punching/zeroing (like dm-crypt without discards) */
-    if (in->offset > p->cfg.size || in->length > p->cfg.size - in->offset)
+        return answer_err(rq, rep, EOPNOTSUPP);  /* no zeroing, collapsing, inserting */
+    if (in->offset > size || in->length > size - in->offset)
         return answer_err(rq, rep, ENOSPC);
     return answer_err(rq, rep, 0);               /* every byte is already allocated */
 }

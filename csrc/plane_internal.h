@@ -54,6 +54,9 @@ struct klc_plane {
     pthread_cond_t ended;
 
     int wb_err;               /* first backing write/sync errno, latched (atomic) */
+    uint64_t size;            /* bytes reported (atomic; klc_plane_set_size) */
+    int allow_discards;       /* atomic; klc_plane_set_discards */
+    int backing_blk;          /* the backing store is a block device (BLKDISCARD) */
 
     struct klc_plane_stats st;  /* counters, updated with atomics */
 };
@@ -65,5 +68,13 @@ int klc_ctx_failed(klc_plane *p, klc_xts *c, int rc);
 void klc_range_lock(klc_plane *p, struct range *r);
 void klc_range_unlock(klc_plane *p, struct range *r);
 void klc_deadline_after(struct timespec *ts, uint32_t ms);
+
+static inline uint64_t klc_size(klc_plane *p)
+{
+    return __atomic_load_n(&p->size, __ATOMIC_ACQUIRE);
+}
+
+/* plane_session.c: FUSE_NOTIFY_INVAL_INODE of the file (off < 0: attributes only). */
+int klc_session_inval(klc_plane *p, int64_t off, int64_t len);
 
 #endif

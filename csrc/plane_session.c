@@ -174,3 +174,17 @@ out:
     free(buf);
     return rc;
 }
+
+/* Notifications are unsolicited messages on the session descriptor: a
+ * fuse_out_header with unique 0 and the notify code in .error. */
+int klc_session_inval(klc_plane *p, int64_t off, int64_t len)
+{
+    struct fuse_notify_inval_inode_out o = {.ino = FUSE_ROOT_ID, .off = off, .len = len};
+    struct fuse_out_header oh = {sizeof oh + sizeof o, FUSE_NOTIFY_INVAL_INODE, 0};
+    struct iovec iov[2] = {{&oh, sizeof oh}, {&o, sizeof o}};
+    ssize_t r;
+    do
+        r = writev(p->cfg.fuse_fd, iov, 2);
+    while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : 0;
+}

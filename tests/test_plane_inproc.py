@@ -329,6 +329,8 @@ def test_flush_does_not_sync_fsync_does(plane):
     assert plane.call(fw.syncfs()).error == 0
     st_ = plane.plane.stats()
     assert st_["syncs"] == 2 and st_["wb_errors"] == 0 and st_["wb_errno"] == 0
+    plane.plane.sync()
+    assert plane.plane.stats()["syncs"] == 3
 
 
 def test_backing_write_error_is_latched_for_every_later_sync(tmp_path):
@@ -345,6 +347,9 @@ def test_backing_write_error_is_latched_for_every_later_sync(tmp_path):
                 assert h.call(req).error == -errno.ENOSPC
             st_ = h.plane.stats()
             assert st_["wb_errors"] == 1 + st_["sync_errors"] and st_["wb_errno"] == errno.ENOSPC
+            with pytest.raises(OSError) as ei:           # the control plane's own flushes too
+                h.plane.sync()
+            assert ei.value.errno == errno.ENOSPC
             assert h.call(fw.read(0, 4096)).error == 0       # reads unaffected
         finally:
             h.close()
@@ -369,3 +374,104 @@ def test_backing_sync_error_is_latched(tmp_path):
     finally:
         os.close(r)
         os.close(w)
+
+
+PUNCH = fw.FALLOC_FL_PUNCH_HOLE | fw.FALLOC_FL_KEEP_SIZE
+
+
+def test_discards_off_by_default(plane):
+    assert plane.call(fw.fallocate(0, 4096, PUNCH)).error == -errno.EOPNOTSUPP
+    assert plane.plane.stats()["allow_discards"] == 0
+
+
+def test_discard_punches_whole_sectors(tmp_path):
+    h = InprocPlane(tmp_path, size=64 << 10, sector_size=4096, allow_discards=True)
+    h.start()
+    try:
+        ss = 4096
+        data = os.urandom(4 * ss)
+        assert h.call(fw.write(0, data)).error == 0
+        assert h.call(fw.fallocate(ss, 2 * ss, PUNCH)).error == 0
+        # the backing holds zeros there (a hole); the rest is untouched
+        assert h.backing(ss, 2 * ss) == bytes(2 * ss)
+        assert h.plaintext(0, ss) == data[:ss] and h.plaintext(3 * ss, ss) == data[3 * ss:]
+        # a discarded sector reads back as the decryption of zeros, as with dm-crypt
+        r = h.call(fw.read(ss, 2 * ss))
+        assert r.body == oracle(h.key, bytes(2 * ss), ss, h.iv_tweak + 8, False)
+        st_ = h.plane.stats()
+        assert st_["discards"] == 1 and st_["discard_bytes"] == 2 * ss
+        assert st_["allow_discards"] == 1
+        # partial sectors are refused, not zero-filled; other modes too
+        for off, n in ((1, ss), (0, ss + 1), (ss, 100)):
+            assert h.call(fw.fallocate(off, n, PUNCH)).error == -errno.EOPNOTSUPP
+        assert h.call(fw.fallocate(0, ss, fw.FALLOC_FL_ZERO_RANGE)).error == -errno.EOPNOTSUPP
+        assert h.call(fw.fallocate(0, ss, fw.FALLOC_FL_PUNCH_HOLE)).error == -errno.EOPNOTSUPP
+        # a range reaching past the end is clipped to it; one starting there is empty
+        assert h.call(fw.fallocate(15 * ss, (1 << 64) - 1 - 15 * ss, PUNCH)).error == 0
+        assert h.backing(15 * ss, ss) == bytes(ss)
+        assert h.call(fw.fallocate(h.size, ss, PUNCH)).error == 0
+        assert h.plane.stats()["discards"] == 2
+        # switched off on the live plane
+        h.plane.set_discards(False)
+        assert h.call(fw.fallocate(0, ss, PUNCH)).error == -errno.EOPNOTSUPP
+        assert h.plaintext(0, ss) == data[:ss]
+    finally:
+        h.close()
+
+
+def test_discard_refused_by_the_backing(tmp_path):
+    fd = os.open("/dev/zero", os.O_RDWR)
+    try:
+        h = InprocPlane(tmp_path, backing=fd, allow_discards=True)
+        h.start()
+        try:
+            assert h.call(fw.fallocate(0, 4096, PUNCH)).error < 0
+            st_ = h.plane.stats()
+            assert st_["discard_errors"] == 1 and st_["discards"] == 0 and st_["wb_errno"] == 0
+        finally:
+            h.close()
+    finally:
+        os.close(fd)
+
+
+def _notifications(h):
+    """Messages from the plane with unique 0: notifications (error = the notify code)."""
+    with h.cv:
+        return list(h.replies.get(0, ()))
+
+
+def test_resize_grows_and_shrinks_with_a_notification(tmp_path):
+    h = InprocPlane(tmp_path, size=64 << 10, sector_size=4096)
+    with open(h.path, "ab") as f:                    # the backing grew by 64 KiB
+        f.write(os.urandom(64 << 10))
+    h.start()
+    try:
+        big = 128 << 10
+        assert h.call(fw.read(64 << 10, 4096)).body == b""
+        h.plane.set_size(big)
+        deadline = time.monotonic() + 5
+        while not _notifications(h) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (n,) = _notifications(h)
+        assert n.error == 2                              # FUSE_NOTIFY_INVAL_INODE
+        assert struct.unpack("<Qqq", n.body) == (fw.ROOT_ID, -1, 0)   # attributes only
+        assert h.call(fw.getattr_()).attr_size() == big
+        assert h.plane.stats()["size"] == big
+        assert h.call(fw.write(100 << 10, b"grown")).error == 0
+        assert h.call(fw.read(100 << 10, 5)).body == b"grown"
+        assert h.plaintext(100 << 10, 5) == b"grown"
+        # shrink: the page cache past the new end is dropped too
+        h.plane.set_size(32 << 10)
+        deadline = time.monotonic() + 5
+        while len(_notifications(h)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert struct.unpack("<Qqq", _notifications(h)[1].body) == (fw.ROOT_ID, 32 << 10, 0)
+        assert h.call(fw.getattr_()).attr_size() == 32 << 10
+        assert h.call(fw.write(40 << 10, b"x")).error == -errno.ENOSPC
+        assert h.call(fw.read(30 << 10, 8192)).body == h.plaintext(30 << 10, 2048)
+        for bad in (0, 1000, (32 << 10) + 1):
+            with pytest.raises(errors.UsageError):
+                h.plane.set_size(bad)
+        assert h.plane.stats()["size"] == 32 << 10
+    finally:
+        h.close()

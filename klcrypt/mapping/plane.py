@@ -8,7 +8,8 @@ from ..native import ffi, lib
 STAT_FIELDS = ("reads", "writes", "read_bytes", "written_bytes", "rmw", "syncs",
                "read_errors", "write_errors", "sync_errors", "engine_errors",
                "lock_timeouts", "reply_errors", "requests", "locked", "key_failed",
-               "threads", "proto_minor", "max_write", "malformed", "wb_errors", "wb_errno")
+               "threads", "proto_minor", "max_write", "malformed", "wb_errors", "wb_errno",
+               "discards", "discard_bytes", "discard_errors", "size", "allow_discards")
 
 # how requests reach the plane (klc_plane_config.transport)
 TRANSPORTS = {"dev": lib.KLC_TRANSPORT_DEV, "socket": lib.KLC_TRANSPORT_SOCKET,
@@ -36,7 +37,8 @@ class Plane:
                  threads: int = 8, direct_io: bool = False, uid: int = 0, gid: int = 0,
                  mode: int = 0o600, max_write: int = 1 << 20, max_background: int = 64,
                  engine_threads: int = 0, lock_timeout_ms: int = 30000,
-                 lock_on_key_failure: bool = False, transport: str = "dev"):
+                 lock_on_key_failure: bool = False, transport: str = "dev",
+                 allow_discards: bool = False):
         if transport not in TRANSPORTS:
             raise errors.UsageError(f"data plane: unknown transport {transport!r}")
         cfg = ffi.new("struct klc_plane_config *")
@@ -56,6 +58,7 @@ class Plane:
         cfg.lock_timeout_ms = lock_timeout_ms
         cfg.lock_on_key_failure = int(lock_on_key_failure)
         cfg.transport = TRANSPORTS[transport]
+        cfg.allow_discards = int(allow_discards)
         out = ffi.new("klc_plane **")
         rc = lib.klc_plane_new(cfg, xts._ctx, out)
         if rc == -errno.EOPNOTSUPP:
@@ -108,6 +111,38 @@ class Plane:
         if rc < 0:
             raise errors.BusyError("the mapping is not locked")
         self._xts = xts
+
+    def set_size(self, new_size: int, file: str | None = None) -> None:
+        """Report new_size bytes from now on and tell the kernel (FUSE_NOTIFY_INVAL_INODE).
+
+        With file (the mounted plaintext file), stat it so the kernel adopts the size now:
+        a loop device on it reads the cached size at LOOP_SET_CAPACITY.  The caller checks
+        that the backing store holds new_size bytes after the data offset.
+        """
+        rc = lib.klc_plane_set_size(self._p, new_size)
+        if rc == -errno.EINVAL:
+            raise errors.UsageError(f"invalid size {new_size}: must be a positive multiple of"
+                                    " the sector size")
+        if rc < 0:
+            raise _os_error(rc, "telling the kernel the new size")
+        if file is not None:
+            st = os.stat(file)
+            if st.st_size != new_size:
+                raise errors.MountError(f"{file}: the kernel still reports {st.st_size} bytes"
+                                        f" after resizing to {new_size}")
+
+    def sync(self) -> None:
+        """fdatasync the backing store through the plane (errors latched as FSYNC's are).
+
+        Raises OSError with the first backing write/sync error if one was ever met.
+        """
+        rc = lib.klc_plane_sync(self._p)
+        if rc < 0:
+            raise _os_error(rc, "syncing the backing store")
+
+    def set_discards(self, on: bool) -> None:
+        """Pass discards down (or not) from now on."""
+        lib.klc_plane_set_discards(self._p, int(on))
 
     @property
     def xts(self):
