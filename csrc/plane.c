@@ -20,7 +20,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include "plane_internal.h"
 
 void klc_deadline_after(struct timespec *ts, uint32_t ms)
@@ -220,6 +222,40 @@ void klc_plane_reply_failed(klc_plane *p)
 
 /* ---- lifecycle ----------------------------------------------------------- */
 
+/* O_DIRECT on the backing descriptor.  Every backing transfer of the plane is
+ * whole sectors at data_offset + k * sector_size, from/to page-aligned buffers
+ * (the core's sector buffers; a transport's reply buffers must be page aligned
+ * too), so O_DIRECT works whenever the backing accepts sector_size-aligned
+ * offsets and lengths: a 512-byte-sector volume on a 4096-byte-sector disk
+ * does not.  Rather than reason about each filesystem's alignment rules, one
+ * probe read of a sector at data_offset tells.  0 = direct now, 1 = stays
+ * buffered (auto), -errno = refused. */
+static int backing_set_direct(const struct klc_plane_config *cfg)
+{
+    int fl = fcntl(cfg->backing_fd, F_GETFL);
+    if (fl < 0)
+        return -errno;
+    if (fl & O_DIRECT)
+        return 0;                    /* the caller opened it so */
+    if (fcntl(cfg->backing_fd, F_SETFL, fl | O_DIRECT) != 0)
+        return cfg->backing_io == KLC_BACKING_AUTO ? 1 : -errno;
+    void *b = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (b == MAP_FAILED) {
+        fcntl(cfg->backing_fd, F_SETFL, fl);
+        return -ENOMEM;
+    }
+    ssize_t r;
+    do
+        r = pread(cfg->backing_fd, b, cfg->sector_size, (off_t)cfg->data_offset);
+    while (r < 0 && errno == EINTR);
+    int e = r < 0 ? errno : 0;
+    munmap(b, 4096);
+    if (e == 0)
+        return 0;
+    fcntl(cfg->backing_fd, F_SETFL, fl);
+    return cfg->backing_io == KLC_BACKING_AUTO ? 1 : -e;
+}
+
 static const struct klc_transport *transport_of(int kind)
 {
     switch (kind) {
@@ -243,7 +279,8 @@ int klc_plane_new(const struct klc_plane_config *cfg, klc_xts *ctx, klc_plane **
         cfg->nthreads < 1 || cfg->nthreads > KLC_PLANE_MAX_THREADS ||
         cfg->max_write < 4096 || cfg->max_write > KLC_PLANE_MAX_WRITE ||
         cfg->fuse_fd < 0 || cfg->backing_fd < 0 ||
-        cfg->transport < KLC_TRANSPORT_DEV || cfg->transport > KLC_TRANSPORT_URING)
+        cfg->transport < KLC_TRANSPORT_DEV || cfg->transport > KLC_TRANSPORT_URING ||
+        cfg->backing_io < KLC_BACKING_BUFFERED || cfg->backing_io > KLC_BACKING_AUTO)
         return -EINVAL;
     const struct klc_transport *tp = transport_of(cfg->transport);
     if (!tp)
@@ -253,10 +290,18 @@ int klc_plane_new(const struct klc_plane_config *cfg, klc_xts *ctx, klc_plane **
         if (fstat(cfg->fuse_fd, &sb) != 0 || !S_ISSOCK(sb.st_mode))
             return -EINVAL;
     }
+    int direct = 0;
+    if (cfg->backing_io != KLC_BACKING_BUFFERED) {
+        int rc = backing_set_direct(cfg);
+        if (rc < 0)
+            return rc;
+        direct = rc == 0;
+    }
     klc_plane *p = calloc(1, sizeof *p);
     if (!p)
         return -ENOMEM;
     p->cfg = *cfg;
+    p->backing_direct = direct;
     p->tp = tp;
     p->size = cfg->size;
     p->allow_discards = !!cfg->allow_discards;
@@ -339,6 +384,7 @@ void klc_plane_stats(klc_plane *p, struct klc_plane_stats *out)
     out->wb_errno = __atomic_load_n(&p->wb_err, __ATOMIC_RELAXED);
     out->size = klc_size(p);
     out->allow_discards = __atomic_load_n(&p->allow_discards, __ATOMIC_RELAXED);
+    out->backing_direct = p->backing_direct;
 }
 
 int klc_plane_set_size(klc_plane *p, uint64_t new_size)

@@ -28,6 +28,11 @@ typedef struct klc_plane klc_plane;
 #define KLC_PLANE_MAX_WRITE    1048576   /* bytes per FUSE request (max_write, max_pages) */
 #define KLC_PLANE_MAX_THREADS  64
 
+/* klc_plane_config.backing_io */
+#define KLC_BACKING_BUFFERED   0   /* pread/pwrite through the backing's page cache */
+#define KLC_BACKING_DIRECT     1   /* O_DIRECT, or klc_plane_new fails (-EINVAL) */
+#define KLC_BACKING_AUTO       2   /* O_DIRECT where the backing takes it, else buffered */
+
 /* klc_plane_config.transport */
 #define KLC_TRANSPORT_DEV      0   /* /dev/fuse: read/writev, one cloned descriptor per thread */
 #define KLC_TRANSPORT_SOCKET   1   /* fuse_fd is a SOCK_SEQPACKET socket (in-process tests) */
@@ -56,6 +61,9 @@ struct klc_plane_config {
     int allow_discards;       /* FALLOCATE(PUNCH_HOLE|KEEP_SIZE) of whole sectors punches a
                                  hole in a backing file / BLKDISCARDs a backing block device;
                                  0: EOPNOTSUPP (dm-crypt's default).  See klc_plane_set_discards. */
+    int backing_io;           /* KLC_BACKING_*: O_DIRECT on the backing descriptor (set with
+                                 F_SETFL on the caller's descriptor) after a probe read of one
+                                 sector at data_offset shows the alignment is accepted */
 };
 
 struct klc_plane_stats {
@@ -87,6 +95,7 @@ struct klc_plane_stats {
     int wb_errno;             /* the first backing write/sync error (0: none); every
                                  FSYNC/FLUSH/SYNCFS returns it until the plane is freed */
     int allow_discards;       /* discards passed down now */
+    int backing_direct;       /* 1 if backing I/O bypasses the backing's page cache (O_DIRECT) */
 };
 
 /* Open /dev/fuse and mount(2) it on target (a regular file or a directory):

@@ -57,6 +57,7 @@ struct klc_plane {
     uint64_t size;            /* bytes reported (atomic; klc_plane_set_size) */
     int allow_discards;       /* atomic; klc_plane_set_discards */
     int backing_blk;          /* the backing store is a block device (BLKDISCARD) */
+    int backing_direct;       /* O_DIRECT on the backing descriptor */
 
     struct klc_plane_stats st;  /* counters, updated with atomics */
 };

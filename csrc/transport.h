@@ -72,7 +72,8 @@ struct klc_req {
     uint32_t op_len;            /* bytes at op (checked against the struct the opcode needs) */
     const uint8_t *payload;     /* WRITE data, names; may be NULL when payload_len == 0 */
     uint32_t payload_len;
-    uint8_t *out;               /* optional: where the reply's argument bytes must go */
+    uint8_t *out;               /* optional: where the reply's argument bytes must go; page
+                                   aligned (an O_DIRECT backing reads straight into it) */
     uint32_t out_cap;           /* bytes at out; >= klc_plane_session().max_write when out != NULL */
 };
 

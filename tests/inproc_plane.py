@@ -145,7 +145,11 @@ class InprocPlane:
 
     # ---- the volume, seen from outside ----------------------------------------
     def backing(self, off: int, n: int) -> bytes:
-        return os.pread(self.backing_fd, n, self.data_offset + off)
+        if self.path is None:
+            return os.pread(self.backing_fd, n, self.data_offset + off)
+        with open(self.path, "rb") as f:          # own descriptor: the plane's may be O_DIRECT
+            f.seek(self.data_offset + off)
+            return f.read(n)
 
     def plaintext(self, off: int, n: int) -> bytes:
         """Decrypt file bytes [off, off + n) from the backing file with the oracle."""

@@ -9,7 +9,12 @@ STAT_FIELDS = ("reads", "writes", "read_bytes", "written_bytes", "rmw", "syncs",
                "read_errors", "write_errors", "sync_errors", "engine_errors",
                "lock_timeouts", "reply_errors", "requests", "locked", "key_failed",
                "threads", "proto_minor", "max_write", "malformed", "wb_errors", "wb_errno",
-               "discards", "discard_bytes", "discard_errors", "size", "allow_discards")
+               "discards", "discard_bytes", "discard_errors", "size", "allow_discards",
+               "backing_direct")
+
+# backing I/O (klc_plane_config.backing_io): O_DIRECT or through the backing's page cache
+BACKING_IO = {"buffered": lib.KLC_BACKING_BUFFERED, "direct": lib.KLC_BACKING_DIRECT,
+              "auto": lib.KLC_BACKING_AUTO}
 
 # how requests reach the plane (klc_plane_config.transport)
 TRANSPORTS = {"dev": lib.KLC_TRANSPORT_DEV, "socket": lib.KLC_TRANSPORT_SOCKET,
@@ -38,9 +43,11 @@ class Plane:
                  mode: int = 0o600, max_write: int = 1 << 20, max_background: int = 64,
                  engine_threads: int = 0, lock_timeout_ms: int = 30000,
                  lock_on_key_failure: bool = False, transport: str = "dev",
-                 allow_discards: bool = False):
+                 allow_discards: bool = False, backing_io: str = "buffered"):
         if transport not in TRANSPORTS:
             raise errors.UsageError(f"data plane: unknown transport {transport!r}")
+        if backing_io not in BACKING_IO:
+            raise errors.UsageError(f"data plane: unknown backing I/O mode {backing_io!r}")
         cfg = ffi.new("struct klc_plane_config *")
         cfg.fuse_fd = fuse_fd
         cfg.backing_fd = backing_fd
@@ -59,10 +66,14 @@ class Plane:
         cfg.lock_on_key_failure = int(lock_on_key_failure)
         cfg.transport = TRANSPORTS[transport]
         cfg.allow_discards = int(allow_discards)
+        cfg.backing_io = BACKING_IO[backing_io]
         out = ffi.new("klc_plane **")
         rc = lib.klc_plane_new(cfg, xts._ctx, out)
         if rc == -errno.EOPNOTSUPP:
             raise errors.UnsupportedError(f"data plane: transport {transport!r} is not built in")
+        if rc < 0 and backing_io == "direct":
+            raise errors.UsageError(f"data plane: invalid configuration or no O_DIRECT on the"
+                                    f" backing store ({os.strerror(-rc)})")
         if rc < 0:
             raise errors.UsageError(f"data plane: invalid configuration ({os.strerror(-rc)})")
         self._p = out[0]
