@@ -1,7 +1,8 @@
 """Reading and writing the two LUKS2 metadata copies on the device.
 
-Reading goes through a device.DeviceHandle (the descriptor opened once): the primary at 0; the secondary at the primary's hdr_size, or found by
-scanning the allowed offsets when the primary is unusable.  A copy is usable when
+Reading goes through a device.DeviceHandle (the descriptor opened once): the
+primary at 0; the secondary at the primary's hdr_size, or found by scanning the
+allowed offsets when the primary is unusable.  A copy is usable when
 its binary header parses, its offset and magic match where it was found, its
 checksum is right and its JSON parses.  The usable copy with the higher seqid wins.
 

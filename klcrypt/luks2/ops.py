@@ -56,11 +56,13 @@ def open_for_change(path, header=None):
     Handles passed in are used as they are."""
     with ExitStack() as st:
         if header is None:
-            yield st.enter_context(_own(path, write=True, exclusive=True)), None
+            hh = dh = st.enter_context(_own(path, write=True, exclusive=True))
         else:
             hh = st.enter_context(_own(header, write=True, exclusive=True))
             dh = st.enter_context(_own(path, write=False, exclusive=False))
-            yield dh, hh
+        if not (hh.write and hh.exclusive):
+            raise UsageError(f"{hh.path} must be open for writing, exclusively, to change it")
+        yield dh, (None if hh is dh else hh)
 
 
 @contextmanager

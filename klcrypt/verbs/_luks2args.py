@@ -2,8 +2,10 @@
 import os
 import re
 import sys
+from contextlib import contextmanager
 
 from ..errors import UsageError
+from .. import luks2
 from ..luks2 import PbkdfOptions
 from ..passphrase import read_passphrase, stdin_is_tty
 
@@ -94,3 +96,13 @@ def read_volume_key_file(path: str, key_bytes: int) -> bytearray:
             raise UsageError(f"cannot read {key_bytes} bytes from volume key file "
                              f"{path}") from None
         raise
+
+
+@contextmanager
+def held_for_change(args):
+    """(data handle, detached header handle or None) of args.device / args.header, the
+    header's device opened once and exclusively for the whole verb and checked (a LUKS2
+    volume klcrypt supports) before anything is asked."""
+    with luks2.open_for_change(args.device, args.header) as (dev, hdr):
+        luks2.load(dev, hdr).close()
+        yield dev, hdr

@@ -4,7 +4,8 @@ from .. import luks2
 from ..errors import UsageError
 from ..passphrase import add_key_arguments, read_from_args, read_passphrase
 from ..secret import wipe
-from ._luks2args import add_header_argument, add_pbkdf_arguments, pbkdf_from_args
+from ._luks2args import (add_header_argument, add_pbkdf_arguments, held_for_change,
+                         pbkdf_from_args)
 
 
 def add_arguments(p):
@@ -19,8 +20,7 @@ def add_arguments(p):
 def run(args) -> int:
     if args.key_file == "-" and args.new_key_file == "-":
         raise UsageError("only one of the old and the new key can come from stdin")
-    with luks2.open_for_change(args.device, args.header) as (dev, hdr):
-        luks2.load(dev, hdr).close()
+    with held_for_change(args) as (dev, hdr):
         old = new = None
         try:
             old = read_from_args(args, "Enter passphrase to be changed: ")

@@ -3,7 +3,8 @@ parameters, same passphrase, same keyslot number (cryptsetup luksConvertKey)."""
 from .. import luks2
 from ..passphrase import add_key_arguments, read_from_args
 from ..secret import wipe
-from ._luks2args import add_header_argument, add_pbkdf_arguments, pbkdf_from_args
+from ._luks2args import (add_header_argument, add_pbkdf_arguments, held_for_change,
+                         pbkdf_from_args)
 
 
 def add_arguments(p):
@@ -14,8 +15,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    with luks2.open_for_change(args.device, args.header) as (dev, hdr):
-        luks2.load(dev, hdr).close()
+    with held_for_change(args) as (dev, hdr):
         pw = None
         try:
             pw = read_from_args(args, "Enter passphrase for keyslot to be converted: ")

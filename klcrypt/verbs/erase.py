@@ -1,7 +1,7 @@
 """`klcrypt erase DEVICE`: remove every keyslot and wipe the keyslots area, after a
 confirmation (cryptsetup luksErase).  The volume can never be opened again."""
 from .. import luks2
-from ._luks2args import add_header_argument, confirm
+from ._luks2args import add_header_argument, confirm, held_for_change
 
 
 def add_arguments(p):
@@ -12,8 +12,7 @@ def add_arguments(p):
 
 def run(args) -> int:
     where = args.header or args.device
-    with luks2.open_for_change(args.device, args.header) as (dev, hdr):
-        luks2.load(dev, hdr).close()
+    with held_for_change(args) as (dev, hdr):
         confirm(f"This operation will erase all keyslots on {where}. The device will "
                 "become unusable after this operation.", args.batch_mode)
         slots = luks2.erase(dev, header=hdr)

@@ -15,7 +15,8 @@ from ..printable import escape
 from ..mapping import api as mapping_api
 from ..mapping.cli import add_mapping_arguments, options_from_args
 from ..secret import wipe
-from ._luks2args import add_header_argument, add_volume_key_file_argument, read_volume_key_file
+from ._luks2args import (add_header_argument, add_volume_key_file_argument,
+                         read_volume_key_file)
 
 DEFAULT_TRIES = 3
 

@@ -3,7 +3,7 @@
 from .. import luks2
 from ..passphrase import add_key_arguments, read_from_args
 from ..secret import wipe
-from ._luks2args import add_header_argument
+from ._luks2args import add_header_argument, held_for_change
 
 
 def add_arguments(p):
@@ -13,8 +13,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    with luks2.open_for_change(args.device, args.header) as (dev, hdr):
-        luks2.load(dev, hdr).close()
+    with held_for_change(args) as (dev, hdr):
         pw = None
         try:
             if args.key_slot is None:

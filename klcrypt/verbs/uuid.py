@@ -2,7 +2,7 @@
 both header copies (cryptsetup luksUUID)."""
 from .. import luks2
 from ..printable import escape
-from ._luks2args import add_header_argument, confirm
+from ._luks2args import add_header_argument, confirm, held_for_change
 
 
 def add_arguments(p):
@@ -17,8 +17,7 @@ def run(args) -> int:
         with luks2.load(args.device, args.header) as vol:
             print(escape(vol.uuid))
         return 0
-    with luks2.open_for_change(args.device, args.header) as (dev, hdr):
-        luks2.load(dev, hdr).close()
+    with held_for_change(args) as (dev, hdr):
         confirm(f"Do you really want to change the UUID of {args.header or args.device}?",
                 args.batch_mode)
         luks2.set_uuid(dev, args.uuid, header=hdr)
