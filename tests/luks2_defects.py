@@ -252,6 +252,35 @@ def g_argon_memory_huge(img):
     mutate_meta(img, f)
 
 
+def g_pbkdf2_iterations_huge(img):
+    mutate_meta(img, lambda m: _ks(m)["kdf"].__setitem__("iterations", 0xFFFFFFFF))
+
+
+def g_digest_iterations_huge(img):
+    mutate_meta(img, lambda m: m["digests"]["0"].__setitem__("iterations", 1 << 31))
+
+
+def _argon(m, time, memory, cpus):
+    _ks(m)["kdf"] = {"type": "argon2id", "time": time, "memory": memory, "cpus": cpus,
+                     "salt": _ks(m)["kdf"]["salt"]}
+
+
+def g_argon_threads_2_24(img):
+    mutate_meta(img, lambda m: _argon(m, 4, 4 << 20, 0xFFFFFF))
+
+
+def g_argon_lanes_over_limit(img):
+    mutate_meta(img, lambda m: _argon(m, 4, 64 << 10, 65))
+
+
+def g_argon_time_huge(img):
+    mutate_meta(img, lambda m: _argon(m, 0xFFFFFFFF, 1 << 20, 4))
+
+
+def g_argon_time_x_memory_huge(img):
+    mutate_meta(img, lambda m: _argon(m, 1 << 26, 32, 1))
+
+
 # generator, outcome, detail...
 TABLE = [
     (g_primary_magic, OK, "primary"),
@@ -307,4 +336,10 @@ TABLE = [
     (g_stripes_huge, REJECT, "DeviceError", 4, "stripes"),
     (g_token_bad_keyslot, REJECT, "DeviceError", 4, "missing keyslot 9"),
     (g_argon_memory_huge, REJECT, "DeviceError", 4, "memory"),
+    (g_argon_threads_2_24, REJECT, "DeviceError", 4, "8 KiB per thread"),
+    (g_pbkdf2_iterations_huge, REJECT, "UnsupportedError", 10, "PBKDF2 iterations"),
+    (g_digest_iterations_huge, REJECT, "UnsupportedError", 10, "PBKDF2 iterations"),
+    (g_argon_lanes_over_limit, REJECT, "UnsupportedError", 10, "65 lanes"),
+    (g_argon_time_huge, REJECT, "UnsupportedError", 10, "KiB-passes"),
+    (g_argon_time_x_memory_huge, REJECT, "UnsupportedError", 10, "KiB-passes"),
 ]

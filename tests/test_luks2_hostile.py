@@ -1,10 +1,17 @@
 """A hostile header: text that would drive the terminal is escaped wherever klcrypt
-prints it (dump, dump --json, config, errors, warnings)."""
+prints it (dump, dump --json, config, errors, warnings); KDF costs are bounded before
+any work (the cost rows of the defect table are in luks2_defects.py)."""
+import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
+from klcrypt import errors
+from klcrypt.luks2 import kdf
 from luks2util import (HAVE_CRYPTSETUP, cs_format, klc, make_image, mutate_meta, patch_bytes,
                        write_key)
 
@@ -122,3 +129,74 @@ def test_errors_and_warnings_quoting_the_header_are_escaped(tmp_path, base):
     assert r.returncode == 0, r.stderr
     assert_inert(r.stderr)
     assert b"\\x1b[2Jsha\\n256" in r.stderr and r.stderr.count(b"\n") == 1
+
+
+# ---- KDF costs -----------------------------------------------------------------------
+
+def test_argon2_threads_capped_result_unchanged(monkeypatch):
+    """Lanes enter the result, threads do not: 7 lanes computed on 1 thread give the
+    reference value (argon2-cffi's own hash, lanes = threads = 7)."""
+    from argon2.low_level import Type, hash_secret_raw
+    monkeypatch.setattr(kdf, "usable_cpus", lambda: 1)
+    pw, salt = bytearray(b"pw"), bytes(range(32))
+    got = kdf.argon2("argon2id", pw, salt, 3, 1024, 7, 64)
+    assert bytes(got) == hash_secret_raw(b"pw", salt, 3, 1024, 7, 64, Type.ID)
+
+
+def test_argon2_memory_beyond_what_is_available_is_refused_before_work(monkeypatch):
+    monkeypatch.setattr(kdf, "available_memory_kib", lambda: 64 << 10)
+    p = kdf.Argon2("argon2id", 4, 128 << 10, 1, bytes(32))
+    monkeypatch.setattr(kdf, "argon2", lambda *a: pytest.fail("argon2 ran"))
+    with pytest.raises(errors.OutOfMemory, match="keyslot 3 needs 128 MiB .* only 64 MiB"):
+        kdf.derive(p, bytearray(b"pw"), 64, "keyslot 3")
+
+
+def _memory_cgroup_dir():
+    """Where this process's cgroup v1 memory controller lives, or None."""
+    try:
+        for line in open("/proc/self/cgroup").read().splitlines():
+            _, ctrls, path = line.split(":", 2)
+            if "memory" in ctrls.split(","):
+                d = "/sys/fs/cgroup/memory" + path.rstrip("/")
+                return d if os.path.exists(os.path.join(d, "cgroup.procs")) else None
+    except OSError:
+        pass
+    return None
+
+
+def test_argon2_memory_beyond_the_cgroup_limit(tmp_path, base):
+    """klcrypt in a memory cgroup of its own (128 MiB) meets a keyslot asking 1 GiB:
+    one line, exit 3, nothing allocated or written; dump still shows the header."""
+    parent = _memory_cgroup_dir()
+    if parent is None:
+        pytest.skip("no cgroup v1 memory controller for this process")
+    img = str(tmp_path / "v.img")
+    shutil.copyfile(base, img)
+    mutate_meta(img, lambda m: m["keyslots"]["0"].__setitem__("kdf", {
+        "type": "argon2id", "time": 4, "memory": 1 << 20, "cpus": 1,
+        "salt": m["keyslots"]["0"]["kdf"]["salt"]}))
+    before = hashlib.sha256(open(img, "rb").read()).hexdigest()
+    cg = os.path.join(parent, f"klcrypt-test-{os.getpid()}")
+    os.mkdir(cg)
+    try:
+        with open(os.path.join(cg, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(128 << 20))
+
+        def enter():
+            with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        kf = write_key(tmp_path / "k", b"pw")
+        r = subprocess.run([sys.executable, "-m", "klcrypt", "open", "--test-passphrase",
+                            "--key-file", kf, img], preexec_fn=enter, capture_output=True,
+                           timeout=120)
+        d = subprocess.run([sys.executable, "-m", "klcrypt", "dump", img], preexec_fn=enter,
+                           capture_output=True, timeout=120)
+        failcnt = int(open(os.path.join(cg, "memory.failcnt")).read())
+    finally:
+        os.rmdir(cg)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.count(b"\n") == 1
+    assert b"keyslot 0 needs 1024 MiB of memory for argon2; only 128 MiB" in r.stderr
+    assert failcnt == 0                       # refused before allocating, not OOM-killed
+    assert d.returncode == 0 and b"Memory:     1048576" in d.stdout
+    assert hashlib.sha256(open(img, "rb").read()).hexdigest() == before

@@ -37,9 +37,11 @@ class Pbkdf2Digest:
         h = strfield(obj, "hash", where)
         if h not in HASHES:
             raise UnsupportedError(f"{where}: unsupported hash '{h}'")
+        it = intfield(obj, "iterations", where, 1, 0xFFFFFFFF)
+        kdf.check_pbkdf2_iterations(it, where)
         return Digest(d_id, idlist(obj, "keyslots", where), idlist(obj, "segments", where),
-                      h, intfield(obj, "iterations", where, 1, 0xFFFFFFFF),
-                      b64field(obj, "salt", where, 1, 512), b64field(obj, "digest", where, 1, 512))
+                      h, it, b64field(obj, "salt", where, 1, 512),
+                      b64field(obj, "digest", where, 1, 512))
 
 
 HANDLERS = {"pbkdf2": Pbkdf2Digest}

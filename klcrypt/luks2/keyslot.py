@@ -119,9 +119,10 @@ def read_area(h, ks: Keyslot) -> bytearray:
 def open_keyslot(h, ks: Keyslot, password) -> bytearray:
     """The candidate volume key stored in ks for password (not yet verified), its area
     read through h (the header's device.DeviceHandle)."""
+    kdf.check_memory(ks.kdf, f"keyslot {ks.id}")      # before reading or deriving anything
     with Wiped() as w:
         area = w.add(read_area(h, ks))
-        akey = w.add(kdf.derive(ks.kdf, password, ks.area_key_size))
+        akey = w.add(kdf.derive(ks.kdf, password, ks.area_key_size, f"keyslot {ks.id}"))
         with XTS(akey) as x:
             x.decrypt(area, AREA_SECTOR, 0, out=area)
         return af.merge(area, ks.key_size, ks.stripes, ks.af_hash)
