@@ -11,7 +11,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from . import __version__
+from . import __version__, hardening
 from .errors import KlcryptError
 from .exitcodes import DESCRIPTIONS, ExitCode
 from .printable import LogFormatter, escape
@@ -22,29 +22,33 @@ class Verb:
     name: str
     module: str          # klcrypt.verbs.<module>
     summary: str
+    secret: bool = False  # handles a passphrase or key: hardened before it reads one
 
 
 # The verbs that work.  Order = order in --help and in klcrypt(8).
 VERBS = [
-    Verb("format", "format", "create a LUKS2 volume (cryptsetup luksFormat)"),
+    Verb("format", "format", "create a LUKS2 volume (cryptsetup luksFormat)", secret=True),
     Verb("open", "open", "unlock a LUKS2 volume and map it to /run/klcrypt/NAME "
-         "(--test-passphrase: only check the passphrase)"),
+         "(--test-passphrase: only check the passphrase)", secret=True),
     Verb("close", "close", "unmap /run/klcrypt/NAME: unmount, flush, wipe the keys"),
     Verb("status", "status", "show the state of a mapping"),
     Verb("lock", "lock", "drop a mapping's key handles and block its I/O (luksSuspend)"),
     Verb("unlock", "unlock", "re-derive the key from a keyslot and resume a locked mapping "
-         "(luksResume)"),
+         "(luksResume)", secret=True),
     Verb("simulate-sleep", "simulate_sleep", "run a suspend/resume cycle on the emulated "
          "Key Locker platform"),
     Verb("config", "config", "show or set the defaults in the volume's klcrypt token "
          "(restore mode)"),
-    Verb("add-key", "add_key", "add a keyslot (cryptsetup luksAddKey)"),
-    Verb("remove-key", "remove_key", "remove a keyslot (cryptsetup luksRemoveKey/luksKillSlot)"),
-    Verb("change-key", "change_key", "change a keyslot's passphrase (cryptsetup luksChangeKey)"),
+    Verb("add-key", "add_key", "add a keyslot (cryptsetup luksAddKey)",
+         secret=True),
+    Verb("remove-key", "remove_key", "remove a keyslot (cryptsetup luksRemoveKey/luksKillSlot)",
+         secret=True),
+    Verb("change-key", "change_key", "change a keyslot's passphrase (cryptsetup luksChangeKey)",
+         secret=True),
     Verb("convert-key", "convert_key", "re-wrap a keyslot with new PBKDF parameters "
-         "(cryptsetup luksConvertKey)"),
+         "(cryptsetup luksConvertKey)", secret=True),
     Verb("dump", "dump", "show the LUKS2 header (cryptsetup luksDump); keys only with "
-         "--dump-volume-key"),
+         "--dump-volume-key", secret=True),
     Verb("header-backup", "header_backup", "save the LUKS2 header to a file"),
     Verb("header-restore", "header_restore", "restore the LUKS2 header from a backup file"),
     Verb("repair", "repair", "rewrite a damaged LUKS2 header copy from the good one"),
@@ -78,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         mod = importlib.import_module(f"klcrypt.verbs.{verb.module}")
         p = sub.add_parser(verb.name, help=verb.summary, description=verb.summary)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _secret=verb.secret)
     return parser
 
 
@@ -89,6 +93,9 @@ def main(argv=None) -> int:
     handler.setFormatter(LogFormatter("klcrypt: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         handlers=[handler])
+    if args._secret:
+        # no core dump, no ptrace/proc-mem by peers, no swap: before any secret is read
+        hardening.harden_secret_holder()
     try:
         rc = args._run(args)
         return int(rc or 0)

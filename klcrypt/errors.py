@@ -60,10 +60,6 @@ class IOErrorKl(KlcryptError):
     exit_code = ExitCode.IO
 
 
-class LockedError(KlcryptError):
-    exit_code = ExitCode.LOCKED
-
-
 class NotActiveError(KlcryptError):
     exit_code = ExitCode.NOT_ACTIVE
 

@@ -257,9 +257,9 @@ def already_mounted(req: Request) -> bool:
     """
     from .mapping import api, system
     dev = os.path.realpath(req.spec)
-    for st in api._states():
+    for st in api.states():
         if (st.get("mount") == req.directory and os.path.realpath(st.get("device", "")) == dev
-                and api._alive(system.Paths(st.get("name", "")))):
+                and api.alive(st["name"])):
             return any(m.mountpoint == req.directory and m.source == st.get("loop")
                        for m in system.mounts())
     return False

@@ -41,7 +41,6 @@ cleanup() {
     done
     for _ in $(seq 50); do klcrypt status "$NAME" >/dev/null 2>&1 || break; sleep 0.1; done
     rm -rf "$WORK"
-    rm -f "${KLCRYPT_RUN_DIR:-/run/klcrypt}/$NAME.log"    # the daemon's log of this demo
 }
 trap cleanup EXIT
 

@@ -42,8 +42,10 @@ def _sweep_mappings(run_dir):
         return
     import maputil
     from klcrypt.mapping import system
-    names = {p.split(".")[0] if not p.endswith((".sock", ".json", ".lock", ".log")) else
-             p.rsplit(".", 1)[0] for p in os.listdir(run_dir)}
+    names = {p for p in os.listdir(run_dir) if system.NAME_RE.match(p)}
+    ctl = os.path.join(run_dir, system.CTL_DIR)
+    if os.path.isdir(ctl):
+        names |= {p for p in os.listdir(ctl) if system.NAME_RE.match(p)}
     for m in system.mounts():
         if m.fstype == "fuse.klcrypt" and m.mountpoint.startswith(run_dir + "/"):
             names.add(os.path.basename(m.mountpoint))

@@ -58,7 +58,17 @@ def force_cleanup(name: str) -> None:
             break
         time.sleep(0.2)
     with contextlib.suppress(Exception):
-        api._cleanup_dead(name, None, None)
+        api.cleanup_dead(name)
+
+
+def run_dir_entries() -> list[str]:
+    """Everything in the run directory, control directories included (relative paths)."""
+    top = str(system.run_dir())
+    out = []
+    for d, dirs, files in os.walk(top):
+        rel = os.path.relpath(d, top)
+        out += [os.path.normpath(os.path.join(rel, n)) for n in dirs + files]
+    return sorted(out)
 
 
 @contextlib.contextmanager

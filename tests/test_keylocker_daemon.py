@@ -18,18 +18,15 @@ def vol(tmp_path):
 
 
 def _scan_daemon(vol, name, keylocker):
-    paths = maputil.system.Paths(name)
     try:
         with maputil.mapping(vol, name, keylocker=keylocker) as st:
-            with open(paths.file, "r+b", buffering=0) as f:   # some I/O through the handles
+            with open(maputil.system.Paths(name).file, "r+b", buffering=0) as f:   # some I/O through the handles
                 f.write(b"\x5a" * 65536)
                 f.seek(0)
                 assert f.read(65536) == b"\x5a" * 65536
             return scan(st["pid"], key_patterns(vol["key"]))
     finally:
         maputil.force_cleanup(name)
-        with contextlib.suppress(FileNotFoundError):   # leave the run directory as found
-            os.unlink(paths.dir / f"{name}.log")
 
 
 def test_daemon_memory_with_keylocker_off_holds_the_key(vol, name):

@@ -1,7 +1,6 @@
 """mount.klcrypt and fstab: the helper's calling convention (unit) and the real
 mount(8)/umount(8) commands on a temporary fstab (interop): mount -a, mount DIR,
 umount DIR tearing everything down, nofail, ro, a second mount -a."""
-import json
 import os
 import shutil
 import subprocess
@@ -11,7 +10,7 @@ import time
 import pytest
 
 from klcrypt import mounthelper as mh
-from klcrypt.mapping import system
+from klcrypt.mapping import api, system
 
 import maputil
 
@@ -222,11 +221,7 @@ def _mount(*args, timeout=120):
 
 
 def _state_for(directory):
-    for p in system.run_dir().glob("*.json"):
-        try:
-            st = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
+    for st in api.states():
         if st.get("mount") == str(directory):
             return st
     return None

@@ -29,8 +29,8 @@ def guarded(tmp_path, monkeypatch):
 
     def make(mode):
         model.reset()
-        guard = Guard({"keylocker": "emulated", "engine": "klemu", "restore_mode": mode})
-        prov = guard.provision(bytearray(vol["key"]))
+        guard = Guard(keylocker="emulated", engine="klemu", restore_mode=mode)
+        guard.provision(bytearray(vol["key"]))
         target = tmp_path / "plain"
         target.touch()
         backing = os.open(vol["path"], os.O_RDWR)
@@ -38,7 +38,7 @@ def guarded(tmp_path, monkeypatch):
                              system.MS_NOSUID | system.MS_NODEV)
         plane = Plane(fuse_fd=fuse_fd, backing_fd=backing, data_offset=vol["data_offset"],
                       size=vol["data_size"], sector_size=vol["sector_size"], iv_tweak=0,
-                      xts=prov.xts, threads=3, direct_io=True, lock_timeout_ms=20000,
+                      xts=guard.lend(), threads=3, direct_io=True, lock_timeout_ms=20000,
                       lock_on_key_failure=True)
         made.append((target, plane, guard, fuse_fd, backing))
         plane.init()

@@ -19,6 +19,7 @@ import threading
 
 from .. import errors
 from ..native import check, ffi, lib
+from ..secret import wipe
 from ..xts import ENGINE_IDS, RAW_KEY_ENGINES, XTS, resolve_engine
 from . import model
 from .platform import detect, resolve
@@ -105,13 +106,6 @@ def on_each_cpu(fn) -> dict:
     for t in threads:
         t.join()
     return out
-
-
-def wipe(buf) -> None:
-    """Zero a writable buffer (bytearray, memoryview, cffi buffer) in place."""
-    n = len(memoryview(buf).cast("B"))
-    if n:
-        lib.klc_wipe(ffi.from_buffer(buf, require_writable=True), n)
 
 
 def _check_key(volume_key) -> int:

@@ -1,72 +1,43 @@
-"""Client side of mappings: start a daemon, ask it for status, close it, and clean
-up after a daemon that died."""
+"""Client side of mappings, the one client of the control socket: start a daemon,
+ask it for status, close, lock, unlock and simulate-sleep, and clean up after a
+daemon that died (unmounting only what the state proves to be its own)."""
 import contextlib
 import errno
-import json
 import logging
 import os
 import select
 import signal
+import stat
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 
-from .. import errors
+from .. import errors, hardening
+from ..luks2.device import DeviceHandle, open_device
 from . import protocol, system
+from .config import DaemonConfig, MapOptions, Target
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Target", "MapOptions", "precheck", "open_mapping", "status", "close_mapping",
+           "lock", "unlock", "simulate_sleep", "device_of", "states", "alive", "cleanup_dead"]
+
 READY_TIMEOUT = 120.0        # s: unlock + mount + optional mkfs-free mount
+ENV_TEST_BUS = "KLCRYPT_TEST_DBUS_ADDRESS"     # tests: logind on a private bus
+ENV_TEST_SYSLOG = "KLCRYPT_TEST_SYSLOG"        # tests: a private syslog socket
+# The daemon runs isolated: nothing from the caller's directory or PYTHON*
+# variables is importable, cwd is /, and its environment is this, nothing more.
+DAEMON_ENV = {"PATH": system.SAFE_PATH}
+_BOOT = ("import sys; sys.path.append(sys.argv[1]); "
+         "from klcrypt.mapping.daemon.__main__ import main; sys.exit(main())")
 
 
-@dataclass
-class Target:
-    """What to map: the data segment of an unlocked volume (all sizes in bytes)."""
-    device: str
-    data_offset: int
-    data_size: int
-    sector_size: int
-    iv_tweak: int = 0
-    key_size: int = 64
-    cipher: str = "aes-xts-plain64"
-    uuid: str | None = None
-
-    @classmethod
-    def from_volume(cls, vol) -> "Target":
-        """From a klcrypt.luks2 volume (vol.path, data_offset, data_size, ...)."""
-        return cls(device=vol.path, data_offset=vol.data_offset, data_size=vol.data_size,
-                   sector_size=vol.sector_size, iv_tweak=getattr(vol, "iv_tweak", 0),
-                   key_size=vol.key_size, cipher=getattr(vol, "cipher", "aes-xts-plain64"),
-                   uuid=getattr(vol, "uuid", None))
-
-
-@dataclass
-class MapOptions:
-    name: str
-    read_only: bool = False
-    allow_other: bool = False
-    engine: str = "auto"
-    keylocker: str = "auto"
-    foreground: bool = False
-    mount_dir: str | None = None
-    fstype: str | None = None
-    mount_options: str | None = None
-    threads: int = 0                 # 0 = the daemon's default
-    direct_io: bool = True           # FOPEN_DIRECT_IO: no page cache for the plaintext file
-    engine_threads: int = 0
-    lock_timeout_ms: int = 30000
-    read_ahead_kb: int = 0           # 0 = the daemon's default
-    restore_mode: str = "auto"       # klcrypt.restore.modes.CHOICES
-    restore_mode_token: str | None = None   # the volume's klcrypt token default
-    emulated_cpu: str | None = None  # --keylocker emulated: klcrypt.keylocker.model.PROFILES
-    verbose: bool = False
-
-
-def _config(target: Target, opts: MapOptions) -> dict:
-    cfg = asdict(target)
-    cfg.update(asdict(opts))
-    return cfg
+def daemon_argv() -> list[str]:
+    """`python -I` (no cwd, no PYTHON* variables, no user site): klcrypt is found
+    where this klcrypt was loaded from (appended: it never shadows the stdlib)."""
+    import klcrypt
+    root = os.path.dirname(os.path.dirname(os.path.abspath(klcrypt.__file__)))
+    return [sys.executable, "-I", "-c", _BOOT, root]
 
 
 def precheck(target: Target, opts: MapOptions) -> None:
@@ -74,6 +45,7 @@ def precheck(target: Target, opts: MapOptions) -> None:
     system.check_name(opts.name)
     if os.geteuid() != 0:
         raise errors.PermissionDenied("open needs root (FUSE mount on /run/klcrypt)")
+    system.check_run_dir()
     if not os.path.exists(target.device):
         raise errors.DeviceError(f"device {target.device} does not exist")
     if target.data_size <= 0 or target.data_size % target.sector_size:
@@ -82,90 +54,128 @@ def precheck(target: Target, opts: MapOptions) -> None:
     paths = system.Paths(opts.name)
     if paths.sock.exists() or system.find_mount(paths.file):
         # the daemon's own lock is the authority; this only gives a faster message
-        if _alive(paths):
+        if alive(opts.name):
             raise errors.BusyError(f"mapping '{opts.name}' is already open")
     if opts.mount_dir and not os.path.isdir(opts.mount_dir):
         raise errors.UsageError(f"--mount {opts.mount_dir}: not a directory")
     top = system.find_mount(os.path.abspath(opts.mount_dir)) if opts.mount_dir else None
     if top is not None and top.fstype != "autofs":   # autofs (systemd .automount): mount over it
         raise errors.BusyError(f"--mount {opts.mount_dir}: something is already mounted there")
-    for st in _states():
-        if os.path.realpath(st.get("device", "")) == os.path.realpath(target.device):
-            if _alive(system.Paths(st.get("name", ""))):
-                raise errors.BusyError(f"device {target.device} is already open as "
-                                       f"mapping '{st.get('name')}'")
+    try:
+        dst = os.stat(target.device)
+        mine = [dst.st_dev, dst.st_ino]
+    except OSError:
+        mine = None
+    for st in states():
+        if mine is not None and st.get("device_id") == mine and alive(st["name"]):
+            raise errors.BusyError(f"device {target.device} is already open as "
+                                   f"mapping '{st['name']}'")
 
 
-def _states() -> list[dict]:
+def states() -> list[dict]:
+    """The state of every mapping with a control directory (checked reads)."""
     out = []
-    d = system.run_dir()
-    if not d.is_dir():
-        return out
-    for p in d.glob("*.json"):
-        with contextlib.suppress(OSError, ValueError):
-            out.append(json.loads(p.read_text()))
+    for n in system.mapping_names():
+        st = system.read_state(system.Paths(n))
+        if st is not None:
+            out.append(st)
     return out
 
 
-def _alive(paths: system.Paths) -> bool:
+def alive(name: str) -> bool:
     try:
-        protocol.request(paths.sock, {"cmd": "status"}, timeout=5)
+        protocol.request(system.Paths(name).sock, {"cmd": "status"}, timeout=5)
         return True
     except (OSError, errors.KlcryptError):
         return False
 
 
-def open_mapping(target: Target, key: bytearray, opts: MapOptions) -> dict:
+def open_mapping(target: Target, key: bytearray, opts: MapOptions,
+                 device: DeviceHandle | None = None) -> dict:
     """Start the daemon for target with the raw volume key (wiped here in every
-    case).  Returns the daemon's first status once the mount is ready.  With
+    case) on the device descriptor `device` (opened here once if not given).
+    Returns the daemon's first status once the mount is ready.  With
     opts.foreground, serves in this process until closed (returns then)."""
+    own = None
     try:
         precheck(target, opts)
         if len(key) != target.key_size:
             raise errors.UsageError("volume key length does not match the volume")
-        cfg = _config(target, opts)
+        if device is None:
+            device = own = open_device(target.device, write=not opts.read_only, exclusive=True)
+        target.device = os.path.abspath(target.device)   # shown by status as given
+        cfg = DaemonConfig(target=target, options=opts, run_dir=str(system.run_dir().absolute()),
+                           device_dev=device.dev, device_ino=device.ino,
+                           bus_address=os.environ.get(ENV_TEST_BUS) or "SYSTEM",
+                           syslog_address=os.environ.get(ENV_TEST_SYSLOG) or "/dev/log")
         if opts.foreground:
-            from .daemon import Daemon
-            d = Daemon(cfg, key)
-            d.setup()
-            st = d.status()
-            print(f"klcrypt: {opts.name} ready: {st['file']}", file=sys.stderr, flush=True)
-            d.run()
-            return st
-        return _spawn(cfg, key)
+            return _foreground(cfg, key, device)
+        return _spawn(cfg, key, device)
     finally:
         key[:] = bytes(len(key))
+        if own is not None:
+            own.close()
 
 
-def _spawn(cfg: dict, key: bytearray) -> dict:
-    paths = system.Paths(cfg["name"])
-    paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+def _foreground(cfg: DaemonConfig, key: bytearray, device: DeviceHandle) -> dict:
+    from .daemon.__main__ import setup_logging
+    from .daemon.core import Daemon
+    hard = hardening.harden_daemon()
+    cfg.device_fd = os.dup(device.fd)          # the daemon closes its own copy
+    cfg.log_stderr = True
+    setup_logging(True, cfg.options.verbose)
+    d = Daemon(cfg, key)
+    d.hardening = hard
+    d.setup()
+    st = d.status()
+    print(f"klcrypt: {cfg.options.name} ready: {st['file']}", file=sys.stderr, flush=True)
+    d.run()
+    return st
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    try:
+        while len(view):
+            n = os.write(fd, view)
+            view = view[n:]
+    finally:
+        view.release()
+
+
+def _spawn(cfg: DaemonConfig, key: bytearray, device: DeviceHandle) -> dict:
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    cfg = dict(cfg, status_fd=wfd)
-    logf = open(paths.log, "ab")
+    kr, kw = os.pipe2(os.O_CLOEXEC)      # the daemon's stdin: config, then the key
+    cfg.status_fd = wfd
+    cfg.device_fd = device.fd
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "klcrypt.mapping.daemon"],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=logf,
-            pass_fds=(wfd,), start_new_session=True, close_fds=True)
-    finally:
-        logf.close()
-        os.close(wfd)
+            daemon_argv(), stdin=kr, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            pass_fds=(wfd, device.fd), start_new_session=True, close_fds=True, cwd="/",
+            env=DAEMON_ENV)
+    except BaseException:
+        for fd in (rfd, wfd, kr, kw):
+            os.close(fd)
+        raise
+    os.close(wfd)
+    os.close(kr)
     try:
         try:
-            proc.stdin.write(json.dumps(cfg).encode() + b"\n")
-            proc.stdin.write(key)
-            proc.stdin.close()
+            # straight from the bytearray into the pipe: no Popen buffer holds a copy
+            _write_all(kw, cfg.to_json())
+            _write_all(kw, key)
         except BrokenPipeError:
             pass
-        key[:] = bytes(len(key))
+        finally:
+            os.close(kw)
+            key[:] = bytes(len(key))
         line = _read_status(rfd, proc)
     finally:
         os.close(rfd)
     if line is None:
-        rc = proc.poll()
+        rc = proc.wait()
         raise errors.MountError(f"the daemon exited before the mount was ready (status {rc}); "
-                                f"see {paths.log}")
+                                "see the system log (journalctl -t klcrypt)")
     resp = protocol.decode(line)
     if not resp.get("ok"):
         # the daemon undid its steps and exits; reap it
@@ -193,6 +203,14 @@ def _read_status(fd: int, proc) -> bytes | None:
     return buf.split(b"\n", 1)[0]
 
 
+def _request(name: str, req: dict, secret=None, timeout: float = protocol.TIMEOUT) -> dict:
+    system.check_name(name)
+    try:
+        return protocol.request(system.Paths(name).sock, req, timeout=timeout, secret=secret)
+    except OSError:
+        raise errors.NotActiveError(f"no active mapping '{name}'") from None
+
+
 def status(name: str) -> dict:
     system.check_name(name)
     paths = system.Paths(name)
@@ -206,19 +224,44 @@ def status(name: str) -> dict:
     raise errors.NotActiveError(f"no active mapping '{name}'")
 
 
+def lock(name: str) -> dict:
+    return _request(name, {"cmd": "lock"})
+
+
+def unlock(name: str, key: bytearray) -> dict:
+    return _request(name, {"cmd": "unlock"}, secret=key, timeout=120.0)
+
+
+def simulate_sleep(name: str, state: str) -> dict:
+    return _request(name, {"cmd": "simulate-sleep", "state": state}, timeout=120.0)
+
+
+def device_of(name: str) -> tuple[dict, DeviceHandle]:
+    """(status, the mapped device's own descriptor) of a live mapping: `unlock`
+    reads the keyslots from the file the daemon serves, never a path re-opened."""
+    st = _request(name, {"cmd": "status"})["status"]
+    try:
+        resp, fd = protocol.request_fd(system.Paths(name).sock, {"cmd": "device"})
+    except OSError:
+        raise errors.NotActiveError(f"no active mapping '{name}'") from None
+    try:
+        return st, DeviceHandle.from_fd(resp.get("device") or st["device"], fd,
+                                        write=not resp.get("read_only"))
+    finally:
+        os.close(fd)
+
+
 def close_mapping(name: str, force: bool = False, timeout: float = 60.0) -> dict:
     """Close a mapping (waiting until its daemon has ended), or clean up after a
     dead daemon.  Raises BusyError when busy and not force."""
     system.check_name(name)
     paths = system.Paths(name)
-    pid = start = None
-    with contextlib.suppress(OSError, ValueError):
-        st = json.loads(paths.state.read_text())
-        pid, start = st.get("pid"), st.get("pid_start")
+    st = system.read_state(paths) or {}
+    pid, start = st.get("pid"), st.get("pid_start")
     try:
         resp = protocol.request(paths.sock, {"cmd": "close", "force": force}, timeout=timeout)
     except OSError:
-        return _cleanup_dead(name, pid, start)
+        return cleanup_dead(name)
     if not resp.get("lazy") and pid:
         _wait_gone(pid, start, timeout)
     return {"name": name, "lazy": bool(resp.get("lazy"))}
@@ -226,7 +269,7 @@ def close_mapping(name: str, force: bool = False, timeout: float = 60.0) -> dict
 
 def _pid_is_daemon(pid, start) -> bool:
     """The daemon's process still exists (same pid and start time: no reuse)."""
-    return pid is not None and system.process_start(pid) == start
+    return pid is not None and start is not None and system.process_start(pid) == start
 
 
 def _wait_gone(pid: int, start, timeout: float) -> None:
@@ -235,20 +278,24 @@ def _wait_gone(pid: int, start, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def _cleanup_dead(name: str, pid, start) -> dict:
-    """The daemon is gone (killed): undo its inner mount, loop and FUSE mount."""
+def cleanup_dead(name: str) -> dict:
+    """The daemon is gone (killed): undo its inner mount, loop and FUSE mount.
+    Only what the state (or the run directory itself) proves to be this mapping's
+    is touched: mounts by their recorded mount id, loop devices backed by its file,
+    the FUSE mount of type fuse.klcrypt on its file."""
+    system.check_name(name)
     paths = system.Paths(name)
-    state = {}
-    with contextlib.suppress(OSError, ValueError):
-        state = json.loads(paths.state.read_text())
+    state = system.read_state(paths) or {}
     entry = system.find_mount(paths.file)
-    if not entry and not state and not paths.sock.exists():
+    if not entry and not state and not paths.ctl.exists() and not paths.file.exists():
         raise errors.NotActiveError(f"no active mapping '{name}'")
-    if pid and _pid_is_daemon(pid, start):
+    pid = state.get("pid")
+    if pid and _pid_is_daemon(pid, state.get("pid_start")):
         raise errors.BusyError(f"mapping '{name}': daemon pid {pid} runs but does not answer")
-    if state.get("mounted_by_klcrypt") and state.get("mount"):
-        m = state["mount"]
-        if system.find_mount(m):
+    m = state.get("mount")
+    if state.get("mounted_by_klcrypt") and isinstance(m, str):
+        inner = system.find_mount(m)
+        if inner is not None and inner.mnt_id == state.get("mount_mnt_id"):
             try:
                 system.fs_umount(m)
             except OSError:
@@ -256,7 +303,8 @@ def _cleanup_dead(name: str, pid, start) -> dict:
     for lp in system.loops_for(paths.file):
         with contextlib.suppress(errors.KlcryptError):
             system.loop_detach(lp)
-    if entry is not None:
+    if (entry is not None and entry.fstype == system.FUSE_TYPE
+            and state.get("fuse_mnt_id") in (None, entry.mnt_id)):
         # no server: abort the connection so nothing waits on it, then unmount
         system.abort_fuse_connection(entry)
         try:
@@ -264,10 +312,24 @@ def _cleanup_dead(name: str, pid, start) -> dict:
         except OSError as e:
             if e.errno != errno.EINVAL:
                 system.umount(paths.file, lazy=True)
-    for p in (paths.sock, paths.state, paths.lock):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(p)
-    if not system.find_mount(paths.file):
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-            os.unlink(paths.file)
+    for p in (paths.sock, paths.state, paths.state_tmp, paths.lock):
+        system.unlink_quiet(p)
+    system.rmdir_quiet(paths.ctl)
+    system.rmdir_quiet(paths.dir / system.CTL_DIR)
+    _remove_stale_file(paths, state)
     return {"name": name, "lazy": False, "cleaned_up": True}
+
+
+def _remove_stale_file(paths: system.Paths, state: dict) -> None:
+    """The plaintext file left under a FUSE mount: empty, root's, and (if the state
+    says) the very file the daemon made."""
+    if system.find_mount(paths.file):
+        return
+    try:
+        st = os.lstat(paths.file)
+    except OSError:
+        return
+    fid = state.get("file_id")
+    if (stat.S_ISREG(st.st_mode) and st.st_size == 0 and st.st_uid == os.geteuid()
+            and (fid is None or list(fid) == [st.st_dev, st.st_ino])):
+        system.unlink_quiet(paths.file)

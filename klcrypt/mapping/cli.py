@@ -2,6 +2,7 @@
 mapping, and the `status` text format.  verbs/open.py, verbs/close.py and
 verbs/status.py stay thin."""
 from . import api
+from .config import LOCK_TIMEOUT_MS, PLANE_THREADS
 
 ENGINES = ("auto", "kl", "vaes", "aesni", "openssl")
 KEYLOCKER = ("auto", "hardware", "emulated", "off")
@@ -23,7 +24,8 @@ def add_mapping_arguments(p) -> None:
                    help="also attach a loop device and mount its filesystem on DIR")
     g.add_argument("--fstype", metavar="T", help="filesystem type for --mount")
     g.add_argument("--mount-options", metavar="O", help="mount options for --mount")
-    g.add_argument("--threads", type=int, default=0, help="data plane threads (default 16)")
+    g.add_argument("--threads", type=int, default=None,
+                   help=f"data plane threads (default {PLANE_THREADS})")
     g.add_argument("--page-cache", action="store_true",
                    help="let the kernel cache the plaintext file in its page cache "
                         "(default: direct I/O, like a block device; faster here)")
@@ -37,9 +39,9 @@ def add_mapping_arguments(p) -> None:
                    help="with --keylocker emulated: the Key Locker features the emulated CPU "
                         f"enumerates ({'|'.join(PROFILES)}; default full; see "
                         "klcrypt-restore-modes(7))")
-    g.add_argument("--lock-timeout", type=float, default=30.0, metavar="SECONDS",
+    g.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
                    help="how long I/O waits on a locked mapping before failing with EIO "
-                        "(default 30)")
+                        f"(default {LOCK_TIMEOUT_MS // 1000})")
 
 
 def options_from_args(args, default_engine: str | None = None) -> api.MapOptions:
@@ -48,19 +50,25 @@ def options_from_args(args, default_engine: str | None = None) -> api.MapOptions
         raise errors.UsageError("--fstype needs --mount DIR")
     if args.mount_options and not args.mount_dir:
         raise errors.UsageError("--mount-options needs --mount DIR")
-    if args.threads and not 1 <= args.threads <= 64:
+    if args.threads is not None and not 1 <= args.threads <= 64:
         raise errors.UsageError("--threads must be in 1..64")
     if args.emulated_cpu and args.keylocker != "emulated":
         raise errors.UsageError("--emulated-cpu needs --keylocker emulated")
+    given = {}                       # unset options keep MapOptions' defaults
+    if args.threads is not None:
+        given["threads"] = args.threads
+    if args.lock_timeout is not None:
+        given["lock_timeout_ms"] = _lock_timeout_ms(args.lock_timeout)
+    if args.restore_mode:
+        given["restore_mode"] = args.restore_mode
+    if args.emulated_cpu:
+        given["emulated_cpu"] = args.emulated_cpu
     return api.MapOptions(
         name=args.name, read_only=args.read_only, allow_other=args.allow_other,
         engine=args.engine or default_engine or "auto", keylocker=args.keylocker,
         foreground=args.foreground, mount_dir=args.mount_dir, fstype=args.fstype,
-        mount_options=args.mount_options, threads=args.threads, direct_io=not args.page_cache,
-        verbose=bool(getattr(args, "verbose", False)),
-        restore_mode=args.restore_mode or "auto",
-        emulated_cpu=args.emulated_cpu,
-        lock_timeout_ms=_lock_timeout_ms(args.lock_timeout))
+        mount_options=args.mount_options, direct_io=not args.page_cache,
+        verbose=bool(getattr(args, "verbose", False)), **given)
 
 
 def _lock_timeout_ms(seconds: float) -> int:
@@ -68,6 +76,21 @@ def _lock_timeout_ms(seconds: float) -> int:
     if not 0 < seconds <= 86400:
         raise errors.UsageError("--lock-timeout must be in (0, 86400] seconds")
     return int(seconds * 1000)
+
+
+def _device_id(d) -> str:
+    if not d:
+        return ""
+    return f" (dev {d['dev']}, inode {d['ino']}" + (f", block {d['rdev']})" if d.get("rdev")
+                                                   else ")")
+
+
+def _memory(m) -> str:
+    if not m:
+        return "unknown"
+    yes = {True: "yes", False: "no", None: "unknown"}
+    return (f"locked {m.get('locked_kib')} KiB, io_flusher {yes[m.get('io_flusher')]}, "
+            f"oom_score_adj {m.get('oom_score_adj')}, dumpable {yes[m.get('dumpable')]}")
 
 
 def format_status(st: dict) -> str:
@@ -85,7 +108,7 @@ def format_status(st: dict) -> str:
         f"  keylocker:   {kl}",
         f"  key:         {where}",
         f"  engine:      {st['engine']}",
-        f"  device:      {st['device']}",
+        f"  device:      {st['device']}" + _device_id(st.get("device_id")),
         f"  sector size: {st['sector_size']}",
         f"  offset:      {st['offset']} bytes",
         f"  size:        {st['size']} bytes ({mib:.1f} MiB)",
@@ -93,6 +116,7 @@ def format_status(st: dict) -> str:
         f"  loop:        {st['loop'] or '-'}",
         f"  mount:       {st['mount'] or '-'}",
         f"  daemon:      pid {st['pid']}, {st['threads']} threads",
+        f"  memory:      {_memory(st.get('memory'))}",
         "  io:          " + ", ".join(f"{k} {v}" for k, v in st["io"].items()),
         "  errors:      " + ", ".join(f"{k} {v}" for k, v in st["errors"].items()),
     ]

@@ -1,11 +1,15 @@
 """The control socket protocol: one JSON object per line, each way.
 
-Request:  {"cmd": "status"} | {"cmd": "close", "force": false} | ... (issue 6
-          adds lock/unlock/simulate-sleep; unknown commands get an error).
+Request:  {"cmd": "status"} | {"cmd": "close", "force": false} | {"cmd": "lock"} |
+          {"cmd": "unlock", "secret_len": N} + N raw key bytes | {"cmd": "device"}
+          (the answer carries the device descriptor, SCM_RIGHTS) |
+          {"cmd": "simulate-sleep", "state": "s3"}; unknown commands get an error.
 Response: {"ok": true, ...result} or
           {"ok": false, "error": "one-line message", "exit_code": N, "kind": "BusyError"}.
 """
+import array
 import json
+import os
 import socket
 
 from .. import errors
@@ -47,6 +51,22 @@ def raise_for(resp: dict) -> dict:
 
 
 MAX_SECRET = 4096
+SUN_PATH_MAX = 107           # bytes of sockaddr_un.sun_path, without the final NUL
+
+
+def unix_address(sock_path, fn) -> None:
+    """fn(address) with an AF_UNIX address for sock_path: the path itself, or when
+    it is too long (mapping names reach 127 bytes) the same file through an
+    O_PATH descriptor of its directory (/proc/self/fd/N/NAME)."""
+    p = os.fsencode(str(sock_path))
+    if len(p) <= SUN_PATH_MAX:
+        return fn(p)
+    d, base = os.path.split(p)
+    dfd = os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return fn(b"/proc/self/fd/%d/%s" % (dfd, base))
+    finally:
+        os.close(dfd)
 
 
 async def receive_secret(stream, line: bytes):
@@ -78,20 +98,53 @@ async def receive_secret(stream, line: bytes):
 def request(sock_path, req: dict, timeout: float = TIMEOUT, secret=None) -> dict:
     """Send one request and return the (checked) response; OSError if nobody listens.
     A secret (bytearray) is sent raw after the JSON line, announced by "secret_len"."""
+    resp, fds = _exchange(sock_path, req, timeout, secret)
+    for fd in fds:
+        os.close(fd)
+    return raise_for(resp)
+
+
+def request_fd(sock_path, req: dict, timeout: float = TIMEOUT) -> tuple[dict, int]:
+    """A request whose answer carries one descriptor (SCM_RIGHTS): (response, fd)."""
+    resp, fds = _exchange(sock_path, req, timeout, None)
+    try:
+        raise_for(resp)
+        if len(fds) != 1:
+            raise errors.KlcryptError("control: the daemon sent no descriptor")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return resp, fds[0]
+
+
+def _exchange(sock_path, req, timeout, secret) -> tuple[dict, list[int]]:
+    fds: list[int] = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
-        s.connect(str(sock_path))
+        unix_address(sock_path, s.connect)
         if secret is not None:
             req = dict(req, secret_len=len(secret))
         s.sendall(encode(req))
         if secret is not None:
             s.sendall(secret)
         buf = b""
-        while b"\n" not in buf:
-            data = s.recv(65536)
-            if not data:
-                raise errors.KlcryptError("control: the daemon closed the connection")
-            buf += data
-            if len(buf) > MAX_LINE * 16:
-                raise errors.KlcryptError("control: response too long")
-    return raise_for(decode(buf.split(b"\n", 1)[0]))
+        try:
+            while b"\n" not in buf:
+                data, anc, _flags, _addr = s.recvmsg(65536, socket.CMSG_SPACE(4 * 4),
+                                                     socket.MSG_CMSG_CLOEXEC)
+                for level, kind, cdata in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        a = array.array("i")
+                        a.frombytes(cdata[:len(cdata) - len(cdata) % a.itemsize])
+                        fds.extend(a)
+                if not data:
+                    raise errors.KlcryptError("control: the daemon closed the connection")
+                buf += data
+                if len(buf) > MAX_LINE * 16:
+                    raise errors.KlcryptError("control: response too long")
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+    return decode(buf.split(b"\n", 1)[0]), fds

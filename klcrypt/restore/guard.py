@@ -1,13 +1,15 @@
-"""The daemon side of restore modes: provisioning under a mode, the sleep watch,
-flush before sleep, handle verification after resume, lock / unlock and the
-simulated sleep of the emulated platform.
+"""The key keeper: the one owner of a mapping's provisioned key (Key Locker handles
+or a raw-key context) and of its lock state, with the restore modes around them.
 
-One Guard per mapping daemon.  The data plane (klcrypt.mapping.plane.Plane)
-borrows the handle context; the Guard takes it back (Plane.lock: new requests
-park, bounded by the lock timeout, in-flight ones finish) whenever the handles
-must not be used, and hands a verified context back (Plane.unlock) when they may.
-No request ever runs with a handle the Guard knows to be dead; one that meets a
-dead handle first (the plane's lock_on_key_failure) parks instead of writing.
+One Guard per mapping daemon.  It provisions the key under the restore mode, lends
+the context to the data plane (klcrypt.mapping.plane.Plane) and takes it back
+(Plane.lock: new requests park, bounded by the lock timeout, in-flight ones finish)
+whenever the handles must not be used: lock, sleep in a norestore mode, handles
+found dead after a resume.  It hands a verified context back (Plane.unlock) when
+they may be used again.  Nothing else keeps a reference to the key: status, the
+engine name and the lock state are asked of the Guard.  No request ever runs with
+a handle the Guard knows to be dead; one that meets a dead handle first (the
+plane's lock_on_key_failure) parks instead of writing.
 """
 import contextlib
 import ctypes
@@ -74,12 +76,19 @@ def _syncfs(path: str) -> None:
 
 
 class Guard:
-    def __init__(self, cfg: dict):
-        self.cfg = cfg
-        self.requested = cfg.get("restore_mode") or M.AUTO
-        self.token_default = cfg.get("restore_mode_token")
+    def __init__(self, *, keylocker: str = "auto", engine: str = "auto",
+                 restore_mode: str = M.AUTO, token_default: str | None = None,
+                 read_only: bool = False, bus_address: str | None = None,
+                 emulated_cpu: str | None = None):
+        self.keylocker = keylocker
+        self.emulated_cpu = emulated_cpu     # --keylocker emulated: the CPU profile
+        self.engine_requested = engine
+        self.read_only = read_only
+        self.bus_address = bus_address
+        self.requested = restore_mode or M.AUTO
+        self.token_default = token_default
         self.platform = None
-        self.prov = None
+        self._prov = None            # klcrypt.keylocker.Provisioned: the only reference
         self.plane = None
         self.backing_fd = -1
         self.file = None             # the plaintext file (fsync goes through FUSE)
@@ -98,22 +107,21 @@ class Guard:
         self.clock = None            # a ClockJump to use (tests inject a fake clock)
 
     # ---- setup (before the trio loop) ----------------------------------------
-    def provision(self, key: bytearray):
+    def provision(self, key: bytearray) -> None:
         """Choose the platform and the mode, load the IWKEY as the mode says, make
-        the handles (consumes key).  Returns klcrypt.keylocker's Provisioned object
-        (kept here too: unlock re-wraps through it)."""
+        the handles (consumes key)."""
         from .. import keylocker as kl
         try:
-            platform, _notice = kl.resolve(self.cfg.get("keylocker", "auto"))
+            platform, _notice = kl.resolve(self.keylocker)
             if platform == "emulated":
-                self.platform = EmulatedPlatform(self.cfg.get("emulated_cpu") or "full")
+                self.platform = EmulatedPlatform(self.emulated_cpu or "full")
                 self.platform.choose(self.requested, self.token_default)
                 self.platform.apply()
             elif platform == "off":
                 self.platform = _NoPlatform()
                 self.platform.choose(self.requested, self.token_default)
-            self.prov = kl.provision(key, keylocker=platform, engine=self.cfg.get("engine", "auto"))
-            info = self.prov.info
+            self._prov = kl.provision(key, keylocker=platform, engine=self.engine_requested)
+            info = self._prov.info
             if platform == "hardware":
                 cpu = info.get("cpu") or kl.detect()
                 cpuinfo = {"backup": cpu.get("backup"), "nobackup": cpu.get("nobackup_supported"),
@@ -124,13 +132,37 @@ class Guard:
                 try:
                     self.platform.choose(self.requested, self.token_default)
                 except BaseException:
-                    self.prov.close()
-                    self.prov = None
+                    self._prov.close()
+                    self._prov = None
                     raise
         finally:
             key[:] = bytes(len(key))
-        self._kat = self._make_kat(self.prov.xts)
-        return self.prov
+        self._kat = self._make_kat(self._prov.xts)
+
+    def lend(self):
+        """The live context for the data plane to borrow (it gets it back through
+        Plane.unlock after a re-provisioning); None when the handles are dropped."""
+        if self._prov is None or self.dropped:
+            return None
+        return self._prov.xts
+
+    @property
+    def engine(self) -> str | None:
+        return self._prov.info.get("engine") if self._prov is not None else None
+
+    @property
+    def info(self) -> dict:
+        """What protects the key (platform, provenance, ...): a copy."""
+        return dict(self._prov.info) if self._prov is not None else {}
+
+    def lock_state(self) -> str:
+        """active | sleeping | locked.  A request that met a dead handle parks the
+        plane at once; the Guard checks the handles within PLANE_POLL, and until
+        then the mapping is reported locked too."""
+        if (self.state == "active" and self.plane is not None
+                and self.plane.stats().get("locked")):
+            return "locked"
+        return self.state
 
     @staticmethod
     def _make_kat(xts):
@@ -166,7 +198,7 @@ class Guard:
     # ---- the sleep watch ------------------------------------------------------------
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._mu = trio.Lock()
-        self.logind = LogindWatch(self.before_sleep, self.after_resume)
+        self.logind = LogindWatch(self.before_sleep, self.after_resume, address=self.bus_address)
         self._clock = self.clock or ClockJump()
         self._logind_resumed_at = -1e9
         async with trio.open_nursery() as n:
@@ -194,7 +226,7 @@ class Guard:
 
     # ---- flush -------------------------------------------------------------------
     def _flush_blocking(self) -> None:
-        if self.cfg.get("read_only"):
+        if self.read_only:
             return
         if self.mount_dir:
             _syncfs(self.mount_dir)
@@ -220,8 +252,8 @@ class Guard:
         return await trio.to_thread.run_sync(self.plane.lock) if self.plane else None
 
     def _drop(self) -> None:
-        if self.prov is not None and self.prov.xts is not None:
-            self.prov.xts.close()              # wipes the handles (or the raw key)
+        if self._prov is not None and self._prov.xts is not None:
+            self._prov.xts.close()             # wipes the handles (or the raw key)
         self.dropped = True
 
     def _set_locked(self, why: str) -> None:
@@ -277,12 +309,12 @@ class Guard:
                     self._set_locked(self.locked_reason or "handles were dropped")
                 ev["handles"] = "dropped"
             else:
-                ok = await trio.to_thread.run_sync(self.prov.verify)
+                ok = await trio.to_thread.run_sync(self._prov.verify)
                 ev["handles"] = "valid" if ok else "dead"
                 if ok:
                     self.counts["verified"] += 1
                     if self.plane is not None and (ctx is not None or self.plane.stats()["locked"]):
-                        self.plane.unlock(self.prov.xts)
+                        self.plane.unlock(self._prov.xts)
                     self.state = "active"
                     self.locked_reason = None
                 else:
@@ -317,15 +349,15 @@ class Guard:
             async with self._mu:
                 if self.state != "locked":
                     raise errors.UsageError("the mapping is not locked")
-                if len(key) != self.prov.xts.key_len:
+                if len(key) != self._prov.xts.key_len:
                     raise errors.UsageError("unlock: the key length does not match the volume")
                 self._check_key(key)
                 self.platform.ensure()
-                await trio.to_thread.run_sync(self.prov.reprovision, key)
-                if not await trio.to_thread.run_sync(self.prov.verify):
+                await trio.to_thread.run_sync(self._prov.reprovision, key)
+                if not await trio.to_thread.run_sync(self._prov.verify):
                     raise errors.KeyLockerError("unlock: the new handles failed their check")
                 if self.plane is not None:
-                    self.plane.unlock(self.prov.xts)
+                    self.plane.unlock(self._prov.xts)
                 self.dropped = False
                 self.state = "active"
                 waited = round(time.time() - (self.locked_since or time.time()), 1)
@@ -333,7 +365,7 @@ class Guard:
                 self.counts["unlocks"] += 1
                 log.info("unlocked after %.1f s", waited)
                 return {"unlocked": True, "locked_for_s": waited,
-                        "provenance": (self.prov.info.get("provenance") or {}).get("keysource_name")}
+                        "provenance": (self._prov.info.get("provenance") or {}).get("keysource_name")}
         finally:
             key[:] = bytes(len(key))
 
@@ -355,9 +387,9 @@ class Guard:
 
     def close(self) -> None:
         """After the plane's threads ended: wipe the handles and any kept IWKEY copy."""
-        if self.prov is not None:
-            self.prov.close()
-            self.prov = None
+        if self._prov is not None:
+            self._prov.close()
+            self._prov = None
         if self.platform is not None:
             self.platform.close()
             self.platform = None

@@ -1,6 +1,6 @@
 """`klcrypt lock NAME`: drop the mapping's key handles and block its I/O (the
 analogue of cryptsetup luksSuspend); `klcrypt unlock` brings it back."""
-from ..restore import client
+from ..mapping import api
 
 
 def add_arguments(p):
@@ -8,7 +8,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    r = client.lock(args.name)
+    r = api.lock(args.name)
     if r.get("already"):
         print(f"{args.name}: already locked ({r.get('reason')})")
     else:

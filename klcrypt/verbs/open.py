@@ -69,13 +69,16 @@ def unlock_from_args(args, vol):
 def run(args) -> int:
     if args.volume_key_file is not None and args.key_file is not None:
         raise UsageError("--volume-key-file and --key-file exclude each other")
-    with luks2.load(args.device, args.header) as vol:
-        if args.test_passphrase:
+    if args.test_passphrase:
+        with luks2.load(args.device, args.header) as vol:
             key = unlock_from_args(args, vol)
             wipe(key)
-            return 0
-        if args.name is None:
-            raise UsageError("open needs DEVICE NAME (or --test-passphrase DEVICE)")
+        return 0
+    if args.name is None:
+        raise UsageError("open needs DEVICE NAME (or --test-passphrase DEVICE)")
+    # The device is opened once: header, keyslots and the daemon all use this
+    # descriptor, so a path swapped during the KDF changes nothing.
+    with luks2.load(args.device, args.header, write=not args.read_only, exclusive=True) as vol:
         return _open_mapping(args, vol)
 
 
@@ -91,7 +94,7 @@ def _open_mapping(args, vol) -> int:
     mapping_api.precheck(target, opts)
     key = unlock_from_args(args, vol)
     try:
-        st = mapping_api.open_mapping(target, key, opts)
+        st = mapping_api.open_mapping(target, key, opts, device=vol.device)
     finally:
         wipe(key)
     restore = (st or {}).get("restore") or {}

@@ -2,7 +2,7 @@
 emulated Key Locker platform, through the code a real sleep takes."""
 import json
 
-from ..restore import client
+from ..mapping import api
 
 
 def add_arguments(p):
@@ -13,7 +13,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    r = client.simulate_sleep(args.name, args.state)
+    r = api.simulate_sleep(args.name, args.state)
     ev = r["resume"]
     if args.json:
         print(json.dumps(r, indent=2, sort_keys=True))

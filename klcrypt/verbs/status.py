@@ -1,6 +1,6 @@
 """`klcrypt status NAME [--json]`: the state of a mapping.
 
-The JSON field names are a stable interface (docs/status.md)."""
+The JSON field names are a stable interface (docs/mapping.md)."""
 import json
 
 from ..mapping import api

@@ -1,8 +1,9 @@
 """`klcrypt unlock NAME`: re-derive the volume key from a keyslot, wrap it under
 the current IWKEY, and let the mapping's waiting I/O complete (luksResume)."""
 from .. import luks2
+from ..errors import UsageError
+from ..mapping import api
 from ..passphrase import add_key_arguments
-from ..restore import client
 from ..secret import wipe
 from ._luks2args import add_header_argument
 from .open import DEFAULT_TRIES, unlock_from_args
@@ -17,11 +18,19 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    device = client.locked_device(args.name)       # NotActive / not locked: before any prompt
-    with luks2.load(device, args.header) as vol:
-        key = unlock_from_args(args, vol)
+    # NotActive / not locked: before any prompt.  The keyslots are read from the
+    # daemon's own descriptor of the device (handed over the root-only control
+    # socket): the very file the mapping serves, no path opened again.
+    st, dev = api.device_of(args.name)
     try:
-        r = client.unlock(args.name, key)
+        if st.get("state") != "locked" and (st.get("restore") or {}).get("state") != "locked":
+            raise UsageError(f"mapping '{args.name}' is not locked")
+        vol = luks2.load(dev, args.header)
+        key = unlock_from_args(args, vol)
+    finally:
+        dev.close()
+    try:
+        r = api.unlock(args.name, key)
     finally:
         wipe(key)
     print(f"{args.name}: unlocked (was locked {r.get('locked_for_s', 0)} s); "
