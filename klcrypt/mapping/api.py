@@ -146,19 +146,41 @@ def _write_all(fd: int, data) -> None:
 def _spawn(cfg: DaemonConfig, key: bytearray, device: DeviceHandle) -> dict:
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     kr, kw = os.pipe2(os.O_CLOEXEC)      # the daemon's stdin: config, then the key
+    er, ew = os.pipe2(os.O_CLOEXEC)      # its stderr until ready: a crash says why
     cfg.status_fd = wfd
     cfg.device_fd = device.fd
     try:
         proc = subprocess.Popen(
-            daemon_argv(), stdin=kr, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            daemon_argv(), stdin=kr, stdout=subprocess.DEVNULL, stderr=ew,
             pass_fds=(wfd, device.fd), start_new_session=True, close_fds=True, cwd="/",
             env=DAEMON_ENV)
     except BaseException:
-        for fd in (rfd, wfd, kr, kw):
+        for fd in (rfd, wfd, kr, kw, er, ew):
             os.close(fd)
         raise
-    os.close(wfd)
-    os.close(kr)
+    for fd in (wfd, kr, ew):
+        os.close(fd)
+    try:
+        return _start(cfg, key, proc, rfd, kw, er)
+    finally:
+        os.close(er)
+
+
+def _last_words(fd: int) -> str:
+    """The last line the daemon wrote to stderr before it died (a traceback's last)."""
+    os.set_blocking(fd, False)
+    data = b""
+    with contextlib.suppress(OSError):
+        while len(data) < 1 << 16:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+    lines = [ln for ln in data.decode(errors="replace").splitlines() if ln.strip()]
+    return lines[-1].strip()[:300] if lines else ""
+
+
+def _start(cfg: DaemonConfig, key: bytearray, proc, rfd: int, kw: int, er: int) -> dict:
     try:
         try:
             # straight from the bytearray into the pipe: no Popen buffer holds a copy
@@ -174,8 +196,10 @@ def _spawn(cfg: DaemonConfig, key: bytearray, device: DeviceHandle) -> dict:
         os.close(rfd)
     if line is None:
         rc = proc.wait()
-        raise errors.MountError(f"the daemon exited before the mount was ready (status {rc}); "
-                                "see the system log (journalctl -t klcrypt)")
+        why = _last_words(er)
+        raise errors.MountError(f"the daemon exited before the mount was ready (status {rc})"
+                                + (f": {why}" if why else "; see the system log "
+                                   "(journalctl -t klcrypt)"))
     resp = protocol.decode(line)
     if not resp.get("ok"):
         # the daemon undid its steps and exits; reap it

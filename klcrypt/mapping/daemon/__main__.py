@@ -109,8 +109,8 @@ def main() -> int:
     if status_fd >= 0:
         os.close(status_fd)
     devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(devnull, 1)
+    for fd in (0, 1, 2):          # stderr was the client's pipe until "ready"
+        os.dup2(devnull, fd)
     os.close(devnull)
     d.run()
     return 0

@@ -114,7 +114,6 @@ class Daemon:
         self.backing_fd = fd
         self.stack.callback(self._close_backing)
         st = os.fstat(fd)
-        device = DeviceHandle(t.device, fd, st, write=not self.opts.read_only, exclusive=True)
         if (cfg.device_dev, cfg.device_ino) != (0, 0) and \
                 (st.st_dev, st.st_ino) != (cfg.device_dev, cfg.device_ino):
             raise errors.DeviceError(f"device {t.device}: the descriptor is not the file "
@@ -130,7 +129,8 @@ class Daemon:
             raise errors.BusyError(f"device {t.device} is already open by another "
                                    "mapping") from None
         end = t.data_offset + t.data_size
-        have = device.size
+        with DeviceHandle.from_fd(t.device, fd) as dup:   # closes only its dup
+            have = dup.size
         if have < end:
             raise errors.DeviceError(
                 f"device {t.device} is {have} bytes, smaller than the volume ({end} bytes)")
