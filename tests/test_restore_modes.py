@@ -400,7 +400,7 @@ def test_guard_on_hardware_checks_the_kernel(hw, load, requested, ok):
     hw("full")
     ks, nb = load
     model.load_random_iwkey(nobackup=nb, keysource=ks)
-    g = Guard({"keylocker": "hardware", "restore_mode": requested})
+    g = Guard(keylocker="hardware", restore_mode=requested)
     key = bytearray(range(64))
     try:
         if ok == "refused":
