@@ -205,3 +205,30 @@ def test_dump_volume_key_needs_passphrase_and_confirmation(tmp_path):
     assert os.stat(dest).st_mode & 0o777 == 0o400
     assert klc("dump", "--dump-volume-key", "-q", "--key-file", kf, "--volume-key-file", dest,
                img).returncode == 1
+
+
+def test_header_file_given_as_the_device(tmp_path):
+    """cryptsetup works on a detached header file named as the device (everything but
+    mapping); so does klcrypt, and open refuses to map it."""
+    data = make_image(tmp_path / "data", 2 << 20)
+    hdr = str(tmp_path / "hdr")
+    kf = write_key(tmp_path / "k", b"pw")
+    cs("luksFormat", "-q", "--type", "luks2", "--key-file", kf, *CS_FAST, "--header", hdr, data)
+    vk = cs_key(kf, data, "--header", hdr)
+    assert klc("uuid", hdr).stdout.decode().strip() == cs("luksUUID", hdr).stdout.decode().strip()
+    assert "offset: 0 [bytes]" in klc("dump", hdr).stdout.decode()
+    assert klc("open", "--test-passphrase", "--key-file", kf, hdr).returncode == 0
+    k2 = write_key(tmp_path / "k2", b"two")
+    assert klc("add-key", "--key-file", kf, *FAST_PBKDF2, hdr, k2).returncode == 0
+    assert cs_key(k2, data, "--header", hdr) == vk
+    with luks2.load(hdr) as vol:
+        assert vol.header_only and not vol.detached
+    r = klc("open", "--key-file", kf, hdr, "never")
+    assert r.returncode == 1 and b"detached LUKS2 header" in r.stderr
+    # an attached volume whose data segment claims offset 0 is still refused everywhere
+    img = str(tmp_path / "v.img")
+    assert klc("format", "-q", "--size", str(17 << 20), "--key-file", kf, *FAST_PBKDF2,
+               img).returncode == 0
+    from luks2util import mutate_meta
+    mutate_meta(img, lambda m: m["segments"]["0"].__setitem__("offset", "4096"))
+    assert klc("dump", img).returncode == 4

@@ -3,7 +3,7 @@ unlocking it (keyslots are read through the same descriptor the header came from
 import copy
 import logging
 
-from ..errors import UsageError, WrongPassphrase
+from ..errors import DeviceError, UsageError, WrongPassphrase
 from ..secret import wipe
 from . import digest as digest_mod
 from . import disk, keyslot as keyslot_mod, token as token_mod
@@ -128,12 +128,19 @@ def _handle(src, write: bool, exclusive: bool, owned: list) -> DeviceHandle:
     return h
 
 
+def _detached_layout(meta: dict) -> bool:
+    seg = meta.get("segments", {}).get("0")
+    return isinstance(seg, dict) and seg.get("offset") == "0"
+
+
 def load(source, header=None, *, write: bool = False, exclusive: bool = False,
          header_only: bool = False) -> Volume:
     """Read, check and validate the LUKS2 metadata of source (a path, opened once here,
     or a DeviceHandle).  header: a detached header (path or handle) holding the metadata
     and keyslots of the data on source.  write/exclusive: how paths are opened (see
-    device.open_device).  header_only: source is a header backup (no data area)."""
+    device.open_device).  header_only: source is a header backup (no data area); a
+    detached header file given as source (data segment at offset 0) is also read as
+    one (vol.header_only), which open refuses to map."""
     owned: list = []
     try:
         dev = _handle(source, write, exclusive, owned)
@@ -141,8 +148,17 @@ def load(source, header=None, *, write: bool = False, exclusive: bool = False,
         if hdev is not dev and (hdev.dev, hdev.ino) == (dev.dev, dev.ino):
             raise UsageError(f"--header {hdev.path} is the data device itself")
         chosen, other, warnings = disk.read_headers(hdev, hdev.size, hdev.path)
-        layout = validate(chosen.meta, chosen.hdr.hdr_size, hdev.size, header_only=header_only,
-                          data_device_size=None if hdev is dev else dev.size)
+        try:
+            layout = validate(chosen.meta, chosen.hdr.hdr_size, hdev.size,
+                              header_only=header_only,
+                              data_device_size=None if hdev is dev else dev.size)
+        except DeviceError:
+            # A detached header file given as the device (cryptsetup accepts it for
+            # everything but mapping): its data segment starts at 0 of another device.
+            if header_only or hdev is not dev or not _detached_layout(chosen.meta):
+                raise
+            layout = validate(chosen.meta, chosen.hdr.hdr_size, hdev.size, header_only=True)
+            header_only = True
         for w in warnings:
             log.warning("%s", w)
         return Volume(dev, hdev, chosen, other, layout, warnings, header_only, owned)

@@ -84,6 +84,9 @@ def run(args) -> int:
 
 def _open_mapping(args, vol) -> int:
     """Unlock, then hand the volume key to the mapping daemon (which wipes it)."""
+    if vol.header_only:
+        raise UsageError(f"{vol.path} is a detached LUKS2 header, not a volume: open the "
+                         f"data device with --header {vol.path}")
     token = vol.token("klcrypt") or {}
     opts = options_from_args(args, default_engine=token.get("engine") if isinstance(token, dict)
                              else None)
