@@ -265,6 +265,8 @@ static const struct klc_transport *transport_of(int kind)
         return &klc_transport_socket;
     case KLC_TRANSPORT_URING:
         return &klc_transport_uring;     /* NULL unless an io_uring transport is linked in */
+    case KLC_TRANSPORT_AUTO:             /* ask for io_uring at INIT; see klc_plane_start */
+        return &klc_transport_uring ? &klc_transport_uring : &klc_transport_dev;
     default:
         return NULL;
     }
@@ -279,7 +281,7 @@ int klc_plane_new(const struct klc_plane_config *cfg, klc_xts *ctx, klc_plane **
         cfg->nthreads < 1 || cfg->nthreads > KLC_PLANE_MAX_THREADS ||
         cfg->max_write < 4096 || cfg->max_write > KLC_PLANE_MAX_WRITE ||
         cfg->fuse_fd < 0 || cfg->backing_fd < 0 ||
-        cfg->transport < KLC_TRANSPORT_DEV || cfg->transport > KLC_TRANSPORT_URING ||
+        cfg->transport < KLC_TRANSPORT_DEV || cfg->transport > KLC_TRANSPORT_AUTO ||
         cfg->backing_io < KLC_BACKING_BUFFERED || cfg->backing_io > KLC_BACKING_AUTO)
         return -EINVAL;
     const struct klc_transport *tp = transport_of(cfg->transport);
@@ -333,6 +335,10 @@ int klc_plane_start(klc_plane *p)
 {
     if (!p || !p->initialized || p->tp_started || p->nspawned)
         return -EINVAL;
+    /* auto: the transport asked for its INIT flags; without them, /dev/fuse */
+    if (p->cfg.transport == KLC_TRANSPORT_AUTO &&
+        (p->granted_flags & p->tp->init_flags) != p->tp->init_flags)
+        p->tp = &klc_transport_dev;
     int rc = p->tp->start(p, &p->tp_state);
     if (rc == 0 || p->nspawned > 0)
         p->tp_started = 1;      /* stop() is owed after the join */

@@ -37,6 +37,7 @@ typedef struct klc_plane klc_plane;
 #define KLC_TRANSPORT_DEV      0   /* /dev/fuse: read/writev, one cloned descriptor per thread */
 #define KLC_TRANSPORT_SOCKET   1   /* fuse_fd is a SOCK_SEQPACKET socket (in-process tests) */
 #define KLC_TRANSPORT_URING    2   /* FUSE over io_uring (if compiled in; else -EOPNOTSUPP) */
+#define KLC_TRANSPORT_AUTO     3   /* io_uring if the kernel grants it at INIT, else /dev/fuse */
 
 struct klc_plane_config {
     int fuse_fd;              /* the session's /dev/fuse descriptor (already mounted) */

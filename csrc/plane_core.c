@@ -86,11 +86,13 @@ static uint64_t span_tweak(const klc_plane *p, const struct span *s, size_t boff
 
 /* ---- backing I/O ---------------------------------------------------------- */
 
-static int pread_full(int fd, uint8_t *buf, size_t len, uint64_t off)
+/* All of len bytes at off, or -errno (-EIO: the backing store ended early). */
+static int backing_rw(int fd, int write, uint8_t *buf, size_t len, uint64_t off)
 {
     size_t done = 0;
     while (done < len) {
-        ssize_t r = pread(fd, buf + done, len - done, (off_t)(off + done));
+        ssize_t r = write ? pwrite(fd, buf + done, len - done, (off_t)(off + done))
+                          : pread(fd, buf + done, len - done, (off_t)(off + done));
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -103,21 +105,14 @@ static int pread_full(int fd, uint8_t *buf, size_t len, uint64_t off)
     return 0;
 }
 
-static int pwrite_full(int fd, const uint8_t *buf, size_t len, uint64_t off)
+static int pread_full(int fd, uint8_t *buf, size_t len, uint64_t off)
 {
-    size_t done = 0;
-    while (done < len) {
-        ssize_t r = pwrite(fd, buf + done, len - done, (off_t)(off + done));
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (r == 0)
-            return -EIO;
-        done += (size_t)r;
-    }
-    return 0;
+    return backing_rw(fd, 0, buf, len, off);
+}
+
+static int pwrite_full(int fd, uint8_t *buf, size_t len, uint64_t off)
+{
+    return backing_rw(fd, 1, buf, len, off);
 }
 
 /* Write-error latching.  The backing descriptor is one shared file: the

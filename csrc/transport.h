@@ -69,7 +69,10 @@ struct klc_io;                  /* per-thread core state (plane_core.c) */
 struct klc_req {
     const struct fuse_in_header *in;
     const void *op;             /* the opcode's fixed argument struct */
-    uint32_t op_len;            /* bytes at op (checked against the struct the opcode needs) */
+    uint32_t op_len;            /* bytes at op (checked against the struct the opcode needs);
+                                   io_uring: the valid part of op_in (at most
+                                   FUSE_URING_OP_IN_OUT_SZ), e.g. in->len - header - payload_sz
+                                   where the kernel fills in->len, else the area's size */
     const uint8_t *payload;     /* WRITE data, names; may be NULL when payload_len == 0 */
     uint32_t payload_len;
     uint8_t *out;               /* optional: where the reply's argument bytes must go; page

@@ -1,4 +1,5 @@
 """The C data plane served over a SOCK_SEQPACKET socketpair in the test process: no mount, no root."""
+import contextlib
 import os
 import secrets
 import socket
@@ -25,6 +26,17 @@ def oracle(key: bytes, data: bytes, sector_size: int, tweak: int, encrypt: bool)
     return bytes(out)
 
 
+@contextlib.contextmanager
+def running(tmp_path, **kw):
+    """An InprocPlane, started; always closed."""
+    h = InprocPlane(tmp_path, **kw)
+    try:
+        h.start()
+        yield h
+    finally:
+        h.close()
+
+
 class InprocPlane:
     """A plane on a backing file (or a given backing fd), answering the test's FUSE messages."""
 
@@ -35,14 +47,17 @@ class InprocPlane:
         self.size, self.ss, self.data_offset, self.iv_tweak = size, sector_size, data_offset, iv_tweak
         self.key = secrets.token_bytes(key_len)
         self.xts = XTS(self.key)
+        self.path = None
+        self.own_fd = not isinstance(backing, int)
         if backing is None:
             self.path = os.path.join(str(tmp_path), "backing.img")
             with open(self.path, "wb") as f:
                 f.write(os.urandom(data_offset + size))
             self.backing_fd = os.open(self.path, os.O_RDONLY if read_only else os.O_RDWR)
+        elif isinstance(backing, str):                 # a device node: /dev/full, /dev/zero
+            self.backing_fd = os.open(backing, os.O_RDWR)
         else:
-            self.path = None
-            self.backing_fd = backing
+            self.backing_fd = backing                  # the caller's descriptor
         self.sock, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.peer = peer
         self.replies: dict[int, list[fw.Reply]] = {}
@@ -112,7 +127,7 @@ class InprocPlane:
     def _close_fds(self):
         self.sock.close()
         self.peer.close()
-        if self.path is not None:
+        if self.own_fd:
             os.close(self.backing_fd)
         self.xts.close()
 

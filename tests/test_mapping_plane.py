@@ -2,7 +2,9 @@
 I/O (EIO, nothing written), the locked state (requests park, then complete or
 time out) and the opcodes a one-file filesystem refuses."""
 import errno
+import mmap
 import os
+import subprocess
 import threading
 import time
 
@@ -10,9 +12,9 @@ import pytest
 
 from klcrypt.keylocker import model, provision
 from klcrypt.mapping import system
-from klcrypt.mapping.plane import Plane, fuse_mount
 
 import maputil
+from planemount import mounted_plane
 
 pytestmark = pytest.mark.fuse
 
@@ -25,26 +27,14 @@ def mounted(tmp_path):
     target = tmp_path / "plain"
     target.touch()
     backing = os.open(vol["path"], os.O_RDWR)
-    fuse_fd = fuse_mount(vol["path"], str(target), "default_permissions",
-                         system.MS_NOSUID | system.MS_NODEV)
-    plane = None
     try:
-        plane = Plane(fuse_fd=fuse_fd, backing_fd=backing, data_offset=vol["data_offset"],
-                      size=vol["data_size"], sector_size=vol["sector_size"], iv_tweak=0,
-                      xts=prov.xts, threads=3, direct_io=True, lock_timeout_ms=1500)
-        plane.init()
-        plane.start()
-        yield vol, prov, plane, str(target)
+        with mounted_plane(vol["path"], target, backing, data_offset=vol["data_offset"],
+                           size=vol["data_size"], sector_size=vol["sector_size"], iv_tweak=0,
+                           xts=prov.xts, threads=3, direct_io=True,
+                           lock_timeout_ms=1500) as plane:
+            yield vol, prov, plane, str(target)
     finally:
-        entry = system.find_mount(target)
-        if entry:
-            system.abort_fuse_connection(entry)
-            system.umount(target, lazy=True)
-        if plane is not None:
-            assert plane.wait(10000)
-            plane.free()
         prov.close()
-        os.close(fuse_fd)
         os.close(backing)
         model.reset()
 
@@ -139,3 +129,33 @@ def test_refused_operations(mounted):
     assert os.stat(path).st_mode & 0o777 == 0o640
     sv = os.statvfs(path)
     assert sv.f_blocks * sv.f_frsize == size
+
+
+def test_online_resize_reaches_the_kernel_and_a_loop_device(mounted):
+    vol, prov, plane, path = mounted
+    size = vol["data_size"]
+    assert os.stat(path).st_size == size
+    loop = system.loop_attach(path, vol["sector_size"], False)
+    try:
+        with open(vol["path"], "r+b") as f:              # the backing grew by 4 MiB
+            f.truncate(vol["data_offset"] + size + (4 << 20))
+        plane.set_size(size + (4 << 20), file=path)
+        assert os.stat(path).st_size == size + (4 << 20)
+        subprocess.run(["losetup", "--set-capacity", loop], check=True)
+        got = subprocess.run(["blockdev", "--getsize64", loop], check=True,
+                             capture_output=True, text=True).stdout
+        assert int(got) == size + (4 << 20)
+        fd = os.open(loop, os.O_RDWR | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 4096)
+            buf.write(b"e" * 4096)
+            assert os.pwrite(fd, buf, size + (1 << 20)) == 4096
+        finally:
+            os.close(fd)
+        with open(path, "rb") as f:
+            f.seek(size + (1 << 20))
+            assert f.read(4) == b"eeee"
+        plane.set_size(size, file=path)                   # and back
+        assert os.stat(path).st_size == size
+    finally:
+        system.loop_detach(loop)

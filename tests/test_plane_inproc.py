@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from klcrypt import errors
 
 import fusewire as fw
-from inproc_plane import InprocPlane, oracle
+from inproc_plane import InprocPlane, oracle, running
 
 pytestmark = pytest.mark.inproc
 
@@ -27,12 +27,8 @@ FUZZ = settings(max_examples=int(os.environ.get("KLCRYPT_FUZZ_EXAMPLES", "250"))
 
 @pytest.fixture
 def plane(tmp_path):
-    h = InprocPlane(tmp_path)
-    h.start()
-    try:
+    with running(tmp_path) as h:
         yield h
-    finally:
-        h.close()
 
 
 def test_wire_layouts_match_the_kernel_header():
@@ -110,9 +106,7 @@ def test_reads_and_edge_rmw_match_the_oracle(tmp_path, ss):
     """Random writes (partial head/tail sectors, single bytes, whole runs) then reads: the backing
     file holds exactly the oracle's ciphertext of the expected plaintext."""
     size = 256 << 10
-    h = InprocPlane(tmp_path, size=size, sector_size=ss, data_offset=3 * 4096, iv_tweak=77)
-    h.start()
-    try:
+    with running(tmp_path, size=size, sector_size=ss, data_offset=3 * 4096, iv_tweak=77) as h:
         model = bytearray(h.plaintext(0, size))
         rnd = random.Random(ss)
         for _ in range(120):
@@ -137,15 +131,11 @@ def test_reads_and_edge_rmw_match_the_oracle(tmp_path, ss):
         assert h.call(fw.read(size, 4096)).body == b""
         st_ = h.plane.stats()
         assert st_["rmw"] > 0 and st_["writes"] >= 120
-    finally:
-        h.close()
 
 
 def test_concurrent_overlapping_writes_lose_no_bytes(tmp_path):
     """Interleaved byte ranges sharing sectors, all in flight at once on 4 threads."""
-    h = InprocPlane(tmp_path, size=64 << 10, sector_size=4096, threads=4)
-    h.start()
-    try:
+    with running(tmp_path, size=64 << 10, sector_size=4096, threads=4) as h:
         region = 3 * 4096
         base = 4096 + 100
         rnd = random.Random(1)
@@ -164,14 +154,10 @@ def test_concurrent_overlapping_writes_lose_no_bytes(tmp_path):
             uniques.clear()
             assert h.plaintext(0, 64 << 10) == bytes(expect)
         assert h.plane.stats()["rmw"] >= 3 * (region // 37)
-    finally:
-        h.close()
 
 
 def test_locked_requests_park_then_complete(tmp_path):
-    h = InprocPlane(tmp_path, lock_timeout_ms=800)
-    h.start()
-    try:
+    with running(tmp_path, lock_timeout_ms=800) as h:
         assert h.call(fw.write(0, b"a" * 4096)).error == 0
         old = h.plane.lock()
         assert old is h.xts and h.plane.stats()["locked"] == 1
@@ -189,25 +175,15 @@ def test_locked_requests_park_then_complete(tmp_path):
         assert h.wait(u_write).error == 0
         assert h.plaintext(0, 200) == b"a" * 100 + b"b" * 10 + b"a" * 90
         assert h.plane.stats()["locked"] == 0
-    finally:
-        h.close()
 
 
 def test_backing_enospc_on_write(tmp_path):
-    fd = os.open("/dev/full", os.O_RDWR)
-    try:
-        h = InprocPlane(tmp_path, backing=fd)
-        h.start()
-        try:
-            assert h.call(fw.write(0, b"x" * 4096)).error == -errno.ENOSPC
-            assert h.call(fw.write(10, b"x" * 10)).error == -errno.ENOSPC   # after the RMW read
-            st_ = h.plane.stats()
-            assert st_["write_errors"] == 2 and st_["writes"] == 0
-            h.barrier()
-        finally:
-            h.close()
-    finally:
-        os.close(fd)
+    with running(tmp_path, backing="/dev/full") as h:
+        assert h.call(fw.write(0, b"x" * 4096)).error == -errno.ENOSPC
+        assert h.call(fw.write(10, b"x" * 10)).error == -errno.ENOSPC   # after the RMW read
+        st_ = h.plane.stats()
+        assert st_["write_errors"] == 2 and st_["writes"] == 0
+        h.barrier()
 
 
 def test_backing_shorter_than_the_volume_gives_eio(tmp_path):
@@ -224,16 +200,12 @@ def test_backing_shorter_than_the_volume_gives_eio(tmp_path):
 
 
 def test_read_only_refuses_writes(tmp_path):
-    h = InprocPlane(tmp_path, read_only=True)
-    h.start()
-    try:
+    with running(tmp_path, read_only=True) as h:
         assert h.call(fw.write(0, b"x")).error == -errno.EROFS
         assert h.call(fw.open_(os.O_RDWR)).error == -errno.EROFS
         assert h.call(fw.open_(os.O_RDONLY)).error == 0
         assert h.call(fw.fallocate(0, 4096)).error == -errno.EROFS
         assert h.call(fw.fsync()).error == 0
-    finally:
-        h.close()
 
 
 def test_malformed_requests(plane):
@@ -336,26 +308,18 @@ def test_flush_does_not_sync_fsync_does(plane):
 
 def test_backing_write_error_is_latched_for_every_later_sync(tmp_path):
     """errseq as the kernel keeps it, but sticky: a lost write fails every later FSYNC/FLUSH/SYNCFS."""
-    fd = os.open("/dev/full", os.O_RDWR)
-    try:
-        h = InprocPlane(tmp_path, backing=fd)
-        h.start()
-        try:
-            assert h.call(fw.flush()).error == 0             # nothing lost yet
-            assert h.call(fw.write(0, b"x" * 4096)).error == -errno.ENOSPC
-            # (fdatasync of /dev/full fails too, with EINVAL: the first error is the one kept)
-            for req in (fw.flush(), fw.fsync(), fw.flush(), fw.syncfs(), fw.fsync(), fw.flush()):
-                assert h.call(req).error == -errno.ENOSPC
-            st_ = h.plane.stats()
-            assert st_["wb_errors"] == 1 + st_["sync_errors"] and st_["wb_errno"] == errno.ENOSPC
-            with pytest.raises(OSError) as ei:           # the control plane's own flushes too
-                h.plane.sync()
-            assert ei.value.errno == errno.ENOSPC
-            assert h.call(fw.read(0, 4096)).error == 0       # reads unaffected
-        finally:
-            h.close()
-    finally:
-        os.close(fd)
+    with running(tmp_path, backing="/dev/full") as h:
+        assert h.call(fw.flush()).error == 0             # nothing lost yet
+        assert h.call(fw.write(0, b"x" * 4096)).error == -errno.ENOSPC
+        # (fdatasync of /dev/full fails too, with EINVAL: the first error is the one kept)
+        for req in (fw.flush(), fw.fsync(), fw.flush(), fw.syncfs(), fw.fsync(), fw.flush()):
+            assert h.call(req).error == -errno.ENOSPC
+        st_ = h.plane.stats()
+        assert st_["wb_errors"] == 1 + st_["sync_errors"] and st_["wb_errno"] == errno.ENOSPC
+        with pytest.raises(OSError) as ei:           # the control plane's own flushes too
+            h.plane.sync()
+        assert ei.value.errno == errno.ENOSPC
+        assert h.call(fw.read(0, 4096)).error == 0       # reads unaffected
 
 
 def test_backing_sync_error_is_latched(tmp_path):
@@ -386,9 +350,7 @@ def test_discards_off_by_default(plane):
 
 
 def test_discard_punches_whole_sectors(tmp_path):
-    h = InprocPlane(tmp_path, size=64 << 10, sector_size=4096, allow_discards=True)
-    h.start()
-    try:
+    with running(tmp_path, size=64 << 10, sector_size=4096, allow_discards=True) as h:
         ss = 4096
         data = os.urandom(4 * ss)
         assert h.call(fw.write(0, data)).error == 0
@@ -416,23 +378,13 @@ def test_discard_punches_whole_sectors(tmp_path):
         h.plane.set_discards(False)
         assert h.call(fw.fallocate(0, ss, PUNCH)).error == -errno.EOPNOTSUPP
         assert h.plaintext(0, ss) == data[:ss]
-    finally:
-        h.close()
 
 
 def test_discard_refused_by_the_backing(tmp_path):
-    fd = os.open("/dev/zero", os.O_RDWR)
-    try:
-        h = InprocPlane(tmp_path, backing=fd, allow_discards=True)
-        h.start()
-        try:
-            assert h.call(fw.fallocate(0, 4096, PUNCH)).error < 0
-            st_ = h.plane.stats()
-            assert st_["discard_errors"] == 1 and st_["discards"] == 0 and st_["wb_errno"] == 0
-        finally:
-            h.close()
-    finally:
-        os.close(fd)
+    with running(tmp_path, backing="/dev/zero", allow_discards=True) as h:
+        assert h.call(fw.fallocate(0, 4096, PUNCH)).error < 0
+        st_ = h.plane.stats()
+        assert st_["discard_errors"] == 1 and st_["discards"] == 0 and st_["wb_errno"] == 0
 
 
 def _notifications(h):
@@ -481,10 +433,8 @@ def test_resize_grows_and_shrinks_with_a_notification(tmp_path):
 @pytest.mark.parametrize("ss", [512, 4096])
 def test_o_direct_backing_matches_the_oracle(tmp_path, ss):
     """backing_io="direct": every backing transfer is aligned (page-aligned buffers, whole sectors)."""
-    h = InprocPlane(tmp_path, size=128 << 10, sector_size=ss, data_offset=4096,
-                    backing_io="direct")
-    h.start()
-    try:
+    with running(tmp_path, size=128 << 10, sector_size=ss, data_offset=4096,
+                 backing_io="direct") as h:
         assert h.plane.stats()["backing_direct"] == 1
         assert os.O_DIRECT & fcntl.fcntl(h.backing_fd, fcntl.F_GETFL)
         model = bytearray(h.plaintext(0, h.size))
@@ -499,8 +449,6 @@ def test_o_direct_backing_matches_the_oracle(tmp_path, ss):
             assert r.body == bytes(model[max(0, off - 3):off + n + 3])
         assert h.call(fw.fsync()).error == 0
         assert h.plaintext(0, h.size) == bytes(model)
-    finally:
-        h.close()
 
 
 def test_o_direct_refused_or_skipped_where_the_backing_cannot(tmp_path):

@@ -9,10 +9,10 @@ import subprocess
 import pytest
 
 from klcrypt.mapping import system
-from klcrypt.mapping.plane import Plane, fuse_mount
 from klcrypt.xts import XTS
 
 from faultydisk import FaultyDisk
+from planemount import mounted_plane
 
 pytestmark = pytest.mark.fuse
 
@@ -30,27 +30,14 @@ def plane_on_faulty_disk(tmp_path):
     target.touch()
     xts = XTS(secrets.token_bytes(64))
     fd_mnt = FaultyDisk(str(img), str(tmp_path / "fd"))
-    backing = fuse_fd = -1
-    plane = None
+    backing = -1
     try:
         backing = os.open(fd_mnt.disk, os.O_RDWR)
-        fuse_fd = fuse_mount(fd_mnt.disk, str(target), "default_permissions",
-                             system.MS_NOSUID | system.MS_NODEV)
-        plane = Plane(fuse_fd=fuse_fd, backing_fd=backing, data_offset=0, size=SIZE,
-                      sector_size=4096, iv_tweak=0, xts=xts, threads=3, direct_io=True)
-        plane.init()
-        plane.start()
-        yield fd_mnt, plane, str(target)
+        with mounted_plane(fd_mnt.disk, target, backing, data_offset=0, size=SIZE,
+                           sector_size=4096, iv_tweak=0, xts=xts, threads=3,
+                           direct_io=True) as plane:
+            yield fd_mnt, plane, str(target)
     finally:
-        entry = system.find_mount(target)
-        if entry:
-            system.abort_fuse_connection(entry)
-            system.umount(target, lazy=True)
-        if plane is not None:
-            assert plane.wait(10000)
-            plane.free()
-        if fuse_fd >= 0:
-            os.close(fuse_fd)
         if backing >= 0:
             os.close(backing)
         fd_mnt.close()

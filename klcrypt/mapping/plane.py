@@ -18,7 +18,7 @@ BACKING_IO = {"buffered": lib.KLC_BACKING_BUFFERED, "direct": lib.KLC_BACKING_DI
 
 # how requests reach the plane (klc_plane_config.transport)
 TRANSPORTS = {"dev": lib.KLC_TRANSPORT_DEV, "socket": lib.KLC_TRANSPORT_SOCKET,
-              "uring": lib.KLC_TRANSPORT_URING}
+              "uring": lib.KLC_TRANSPORT_URING, "auto": lib.KLC_TRANSPORT_AUTO}
 
 
 def _os_error(rc: int, what: str) -> OSError:
