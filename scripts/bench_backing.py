@@ -7,7 +7,9 @@ mounts it; AES-256-XTS, 4096-byte sectors) over its own backing store:
   loop   a loop device (direct I/O) on such a file: a block device backing
   ram    a file on /dev/shm
 once with buffered pwrite/pread ("buffered") and once with O_DIRECT ("direct"), next to
-the raw backing store itself (fio straight on the file/device, "raw").  The workloads of
+the raw backing store itself (fio straight on the file/device, "raw").  The last column is
+the backing store's data held in the page cache after the run (fincore): ciphertext cached a
+second time, under the plaintext the kernel caches above the plane.  The workloads of
 scripts/bench_mapping.py (seq 1 MiB QD8 with end_fsync, 4 KiB QD16 O_DIRECT random),
 interleaved across all targets, best of --rounds: only ratios from one run mean anything.
 
@@ -70,7 +72,7 @@ def plane_target(kind, mode, base, size):
             plane.init()
             plane.start()
             assert plane.stats()["backing_direct"] == (mode == "direct")
-            yield target.name, f"{kind}/{mode}"
+            yield target.name, f"{kind}/{mode}", backing_path
         finally:
             subprocess.run(["umount", "-l", target.name], capture_output=True)
             if plane is not None:
@@ -84,7 +86,13 @@ def plane_target(kind, mode, base, size):
 @contextlib.contextmanager
 def raw_target(kind, base, size):
     with backing_store(kind, base, size) as path:
-        yield path, f"{kind}/raw"
+        yield path, f"{kind}/raw", path
+
+
+def cached_mib(path):
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
+                         capture_output=True, text=True).stdout.strip()
+    return int(out) / (1 << 20) if out.isdigit() else float("nan")
 
 
 def main():
@@ -104,24 +112,27 @@ def main():
         for kind in a.backing.split(","):
             targets.append(stack.enter_context(raw_target(kind, base, size)))
             for mode in ("buffered", "direct"):
-                path, label = stack.enter_context(plane_target(kind, mode, base, size))
+                path, label, backing = stack.enter_context(plane_target(kind, mode, base, size))
                 layout(path, size)
-                targets.append((path, label))
+                targets.append((path, label, backing))
         for _ in range(a.rounds):
             for wname, w in WORKLOADS:
-                for path, label in targets:
+                for path, label, _ in targets:
                     r = fio(path, size, a.runtime, **w)
                     old = res.setdefault(label, {}).get(wname)
                     if old is None or r["MBps"] > old["MBps"]:
                         res[label][wname] = r
-    print(f"{'target':<16}" + "".join(f"{w:>14}" for w, _ in WORKLOADS))
+        for path, label, backing in targets:
+            res[label]["cached_MiB"] = cached_mib(backing)
+    print(f"{'target':<16}" + "".join(f"{w:>14}" for w, _ in WORKLOADS) + f"{'cached':>12}")
     for label, row in res.items():
         cells = []
         for w, _ in WORKLOADS:
             r = row[w]
             cells.append(f"{r['MBps']:>9.0f} MB/s" if w.startswith("seq")
                          else f"{r['iops'] / 1000:>10.1f}k IOPS")
-        print(f"{label:<16}" + "".join(f"{c:>14}" for c in cells))
+        print(f"{label:<16}" + "".join(f"{c:>14}" for c in cells)
+              + f"{row['cached_MiB']:>8.0f} MiB")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)
