@@ -22,6 +22,8 @@ static void detect(void)
         unsigned lo, hi;
         __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
         cpu.ymm_os = (lo & 6) == 6;   /* XMM and YMM state enabled by the OS */
+        /* XCR0 bits 5-7: opmask, ZMM0-15 upper halves, ZMM16-31 */
+        cpu.zmm_os = cpu.ymm_os && (lo & 0xe0) == 0xe0;
     }
     cpu.avx = avx && cpu.ymm_os;
     if (max >= 7) {
@@ -30,6 +32,9 @@ static void detect(void)
         cpu.vaes = cpu.ymm_os && !!(c & (1u << 9));
         cpu.vpclmulqdq = cpu.ymm_os && !!(c & (1u << 10));
         cpu.kl = !!(c & (1u << 23));
+        cpu.avx512f = cpu.zmm_os && !!(b & (1u << 16));
+        cpu.avx512bw = cpu.zmm_os && !!(b & (1u << 30));
+        cpu.avx512vl = cpu.zmm_os && !!(b & (1u << 31));
     }
     if (cpu.kl && max >= 0x19) {
         __cpuid_count(0x19, 0, a, b, c, d);
@@ -52,7 +57,9 @@ unsigned klc_cpu_flags(void)
            (c->vaes ? KLC_CPU_VAES : 0) | (c->vpclmulqdq ? KLC_CPU_VPCLMULQDQ : 0) |
            (c->ymm_os ? KLC_CPU_YMM_OS : 0) | (c->kl ? KLC_CPU_KL : 0) |
            (c->aeskle ? KLC_CPU_AESKLE : 0) | (c->widekl ? KLC_CPU_WIDEKL : 0) |
-           (c->hypervisor ? KLC_CPU_HYPERVISOR : 0);
+           (c->hypervisor ? KLC_CPU_HYPERVISOR : 0) | (c->avx512f ? KLC_CPU_AVX512F : 0) |
+           (c->avx512bw ? KLC_CPU_AVX512BW : 0) | (c->avx512vl ? KLC_CPU_AVX512VL : 0) |
+           (c->zmm_os ? KLC_CPU_ZMM_OS : 0);
 }
 
 /* ---- Key Locker enumeration (keylocker.h) -------------------------------

@@ -36,6 +36,8 @@ struct klc_xts {
 extern const struct klc_engine_ops klc_engine_openssl;
 extern const struct klc_engine_ops klc_engine_aesni;
 extern const struct klc_engine_ops klc_engine_vaes;
+extern const struct klc_engine_ops klc_engine_vaes512;
+extern const struct klc_engine_ops klc_engine_vaes512emu;
 /* The ops of engine `id` (NULL if not built): lets the klemu fast path run a
  * raw-key engine on a stack context. */
 const struct klc_engine_ops *klc_engine_ops_get(int id);
@@ -56,6 +58,7 @@ int klc_pool_crypt(const struct klc_xts *ctx, int encrypt, uint8_t *dst,
 /* CPU features, detected once (cpu.c). */
 struct klc_cpu {
     int aesni, pclmul, avx, avx2, vaes, vpclmulqdq, ymm_os;  /* ymm_os: XGETBV says YMM state on */
+    int avx512f, avx512bw, avx512vl, zmm_os;   /* zmm_os: XGETBV says opmask+ZMM state on */
     int kl, aeskle, widekl, hypervisor;
 };
 const struct klc_cpu *klc_cpu(void);

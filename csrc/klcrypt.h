@@ -26,7 +26,9 @@
 #define KLC_ENGINE_VAES        3   /* VAES+VPCLMULQDQ on ymm (AVX2), raw key schedule */
 #define KLC_ENGINE_KL          4   /* Key Locker instructions with handles (hw or trap-emulated) */
 #define KLC_ENGINE_KLEMU       5   /* emulated Key Locker platform, fast path */
-#define KLC_ENGINE_MAX         5
+#define KLC_ENGINE_VAES512     6   /* VAES+VPCLMULQDQ on zmm (AVX-512), raw key schedule */
+#define KLC_ENGINE_VAES512EMU  7   /* tests only: vaes512 with VAES/VPCLMULQDQ emulated per lane */
+#define KLC_ENGINE_MAX         7
 
 /* ---- engines --------------------------------------------------------- */
 /* 1 if the engine can run here (CPU features, OS-enabled state), else 0. */
@@ -78,6 +80,10 @@ int klc_xts_bench(klc_xts *ctx, int encrypt, uint8_t *buf, size_t len,
 #define KLC_CPU_AESKLE         0x100
 #define KLC_CPU_WIDEKL         0x200
 #define KLC_CPU_HYPERVISOR     0x400
+#define KLC_CPU_AVX512F        0x800
+#define KLC_CPU_AVX512BW       0x1000
+#define KLC_CPU_AVX512VL       0x2000
+#define KLC_CPU_ZMM_OS         0x4000  /* the OS saves opmask and ZMM state (XGETBV bits 5-7) */
 /* Bitmask of KLC_CPU_* found on this CPU. */
 unsigned klc_cpu_flags(void);
 

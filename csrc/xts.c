@@ -18,6 +18,8 @@ static const struct klc_engine_ops *const engines[KLC_ENGINE_MAX + 1] = {
     [KLC_ENGINE_VAES] = &klc_engine_vaes,
     [KLC_ENGINE_KL] = &klc_engine_kl,          /* Key Locker (hardware or trap-emulated) */
     [KLC_ENGINE_KLEMU] = &klc_engine_klemu,    /* emulated Key Locker, fast path */
+    [KLC_ENGINE_VAES512] = &klc_engine_vaes512,
+    [KLC_ENGINE_VAES512EMU] = &klc_engine_vaes512emu,   /* tests only, never picked by auto */
 };
 static const int BEST_ORDER[] = {KLC_ENGINE_VAES, KLC_ENGINE_AESNI, KLC_ENGINE_OPENSSL};
 
@@ -46,7 +48,7 @@ int klc_engine_available(int engine)
 const char *klc_engine_name(int engine)
 {
     static const char *const names[KLC_ENGINE_MAX + 1] = {
-        "auto", "openssl", "aesni", "vaes", "kl", "klemu"};
+        "auto", "openssl", "aesni", "vaes", "kl", "klemu", "vaes512", "vaes512emu"};
     if (engine < 0 || engine > KLC_ENGINE_MAX)
         return NULL;
     return names[engine];

@@ -14,8 +14,16 @@ ENGINE_IDS = {
     "vaes": lib.KLC_ENGINE_VAES,
     "kl": lib.KLC_ENGINE_KL,
     "klemu": lib.KLC_ENGINE_KLEMU,
+    "vaes512": lib.KLC_ENGINE_VAES512,
+    "vaes512emu": lib.KLC_ENGINE_VAES512EMU,
 }
-RAW_KEY_ENGINES = ("vaes", "aesni", "openssl")
+# Raw-key engines users may choose, widest first (`auto` is the C core's
+# klc_engine_best: it measures vaes512 against vaes before taking it).
+RAW_KEY_ENGINES = ("vaes512", "vaes", "aesni", "openssl")
+# Raw-key engines for tests only: vaes512's code with its VAES/VPCLMULQDQ
+# operations emulated per 128-bit lane (runs on AVX-512 CPUs without VAES).
+# XTS() accepts them by name; the CLI, $KLCRYPT_ENGINE and tokens never do.
+TEST_ENGINES = ("vaes512emu",)
 ENV_ENGINE = "KLCRYPT_ENGINE"   # overrides engine="auto" (tests, benchmarks)
 
 # CPU feature names (as /proc/cpuinfo spells them, where it has them) -> KLC_CPU_* bit.
@@ -31,12 +39,19 @@ CPU_FEATURES = {
     "aeskle": lib.KLC_CPU_AESKLE,
     "widekl": lib.KLC_CPU_WIDEKL,
     "hypervisor": lib.KLC_CPU_HYPERVISOR,
+    "avx512f": lib.KLC_CPU_AVX512F,
+    "avx512bw": lib.KLC_CPU_AVX512BW,
+    "avx512vl": lib.KLC_CPU_AVX512VL,
+    "zmm_os": lib.KLC_CPU_ZMM_OS,
 }
-# What each raw-key engine needs from the CPU (and the OS: ymm_os).
+# What each raw-key engine needs from the CPU (and the OS: ymm_os, zmm_os).
+_AVX512 = ("avx512f", "avx512bw", "avx512vl", "zmm_os")
 ENGINE_REQUIRES = {
     "openssl": (),
     "aesni": ("aes", "pclmulqdq"),
     "vaes": ("aes", "pclmulqdq", "avx2", "vaes", "vpclmulqdq", "ymm_os"),
+    "vaes512": ("aes", "pclmulqdq", "vaes", "vpclmulqdq") + _AVX512,
+    "vaes512emu": ("aes", "pclmulqdq") + _AVX512,
 }
 
 
@@ -107,18 +122,28 @@ def _check_sector_args(length: int, sector_size: int) -> None:
             f"data length {length} is not a multiple of the sector size {sector_size}")
 
 
+def _resolve_test_engine(engine: str) -> str:
+    if not lib.klc_engine_available(ENGINE_IDS[engine]):
+        missing = ", ".join(missing_features(engine)) or "unknown"
+        raise errors.UnsupportedError(
+            f"test engine '{engine}' is not available on this CPU (missing: {missing})")
+    return engine
+
+
 class XTS:
     """An AES-XTS key (32 bytes: AES-128-XTS, 64 bytes: AES-256-XTS) bound to an engine.
 
     The key is copied into C secure memory; the caller should wipe its own copy.
     Use as a context manager or call close() to wipe the C copy.
+    engine: 'auto', a RAW_KEY_ENGINES name, or (tests) a TEST_ENGINES name.
     """
 
     def __init__(self, key, engine: str = "auto"):
         key_len = len(key)
         if key_len not in (32, 64):
             raise errors.UsageError(f"XTS key must be 32 or 64 bytes, not {key_len}")
-        self.engine = resolve_engine(engine)
+        self.engine = (_resolve_test_engine(engine) if engine in TEST_ENGINES
+                       else resolve_engine(engine))
         out = ffi.new("klc_xts **")
         keybuf = ffi.from_buffer(key) if not isinstance(key, bytes) else key
         check(lib.klc_xts_new(ENGINE_IDS[self.engine], keybuf, key_len, out),

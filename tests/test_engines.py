@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from klcrypt import errors
 from klcrypt.native import ffi, lib
-from klcrypt.xts import (ENGINE_IDS, RAW_KEY_ENGINES, XTS, missing_features, pool_split_min,
-                         pool_threads, set_pool_split_min)
+from klcrypt.xts import (ENGINE_IDS, RAW_KEY_ENGINES, TEST_ENGINES, XTS, missing_features,
+                         pool_split_min, pool_threads, set_pool_split_min)
 
 pytestmark = pytest.mark.unit
 
@@ -35,7 +35,9 @@ def _engine_param(name):
     return pytest.param(name, marks=marks, id=name)
 
 
-ENGINES = [_engine_param(e) for e in RAW_KEY_ENGINES]
+# vaes512emu is vaes512's source with its VAES/VPCLMULQDQ operations emulated
+# per lane: on AVX-512 CPUs without VAES it is how that code gets tested.
+ENGINES = [_engine_param(e) for e in RAW_KEY_ENGINES + TEST_ENGINES]
 
 
 def load_vectors():
@@ -183,6 +185,25 @@ def test_tweak_counter_wraps(engine, tweak, sector):
         if k < 6:
             tail = x.encrypt(data[k * sector:], sector, (tweak + k * step) % (1 << 64))
             assert bytes(x.encrypt(data, sector, tweak))[k * sector:] == bytes(tail)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("sector", [512, 4096])
+def test_every_sector_count(engine, sector):
+    """One call of n sectors for every n in 1..40 (the wide engines batch tweak
+    encryption by 4/8/16/32 sectors and run 8-32 blocks per iteration: every
+    batch remainder and every tail) plus a few long calls, against openssl."""
+    rnd = random.Random(sector)
+    counts = list(range(1, 41)) + ([63, 65, 129, 300] if sector == 512 else [97])
+    for key_len in (32, 64):
+        key = rnd.randbytes(key_len)
+        with XTS(key, engine) as x, XTS(key, "openssl") as ref:
+            for n in counts:
+                data = rnd.randbytes(sector * n)
+                tweak = rnd.choice([rnd.getrandbits(64), (1 << 64) - 2 * (sector // 512)])
+                want = bytes(ref.encrypt(data, sector, tweak, threads=1))
+                assert bytes(x.encrypt(data, sector, tweak, threads=1)) == want, n
+                assert bytes(x.decrypt(want, sector, tweak, threads=1)) == data, n
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -383,8 +404,23 @@ def test_c_api_rejects_bad_arguments_directly():
 
 
 def test_missing_feature_reason_names_it():
-    for e in RAW_KEY_ENGINES:
+    for e in RAW_KEY_ENGINES + TEST_ENGINES:
         if not lib.klc_engine_available(ENGINE_IDS[e]):
             assert missing_features(e), f"{e} unavailable but no missing feature named"
         else:
             assert missing_features(e) == []
+
+
+def test_test_engines_are_hidden_from_users(monkeypatch):
+    """vaes512emu exists for tests: auto never picks it, and neither the CLI's
+    engine lists, $KLCRYPT_ENGINE nor resolve_engine (tokens) accept it."""
+    from klcrypt.mapping.cli import ENGINES as MAP_ENGINES
+    from klcrypt.xts import ENV_ENGINE, best_engine, resolve_engine
+    for e in TEST_ENGINES:
+        assert e not in RAW_KEY_ENGINES and e not in MAP_ENGINES
+        assert best_engine() != e
+        with pytest.raises(errors.UsageError, match="unknown engine"):
+            resolve_engine(e)
+        monkeypatch.setenv(ENV_ENGINE, e)
+        with pytest.raises(errors.UsageError, match="unknown engine"):
+            XTS(os.urandom(64))

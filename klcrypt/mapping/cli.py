@@ -1,10 +1,11 @@
 """The mapping part of the command line: options of `open` that concern the
 mapping, and the `status` text format.  verbs/open.py, verbs/close.py and
 verbs/status.py stay thin."""
+from ..xts import RAW_KEY_ENGINES
 from . import api
 from .config import LOCK_TIMEOUT_MS, PLANE_THREADS
 
-ENGINES = ("auto", "kl", "vaes", "aesni", "openssl")
+ENGINES = ("auto", "kl") + RAW_KEY_ENGINES
 KEYLOCKER = ("auto", "hardware", "emulated", "off")
 
 
