@@ -10,8 +10,8 @@
 #include "engine.h"
 #include "kl_internal.h"
 
-/* Indexed by engine id; NULL = not built.  Priority for klc_engine_best is
- * BEST_ORDER below (fastest raw-key engine first). */
+/* Indexed by engine id; NULL = not built.  Which one `auto` picks, and the
+ * self-test every raw-key engine passes before its first use: xts_select.c. */
 static const struct klc_engine_ops *const engines[KLC_ENGINE_MAX + 1] = {
     [KLC_ENGINE_OPENSSL] = &klc_engine_openssl,
     [KLC_ENGINE_AESNI] = &klc_engine_aesni,
@@ -21,7 +21,6 @@ static const struct klc_engine_ops *const engines[KLC_ENGINE_MAX + 1] = {
     [KLC_ENGINE_VAES512] = &klc_engine_vaes512,
     [KLC_ENGINE_VAES512EMU] = &klc_engine_vaes512emu,   /* tests only, never picked by auto */
 };
-static const int BEST_ORDER[] = {KLC_ENGINE_VAES, KLC_ENGINE_AESNI, KLC_ENGINE_OPENSSL};
 
 #define FOLD(b) ((uint64_t)(b) ^ ((uint64_t)(b) << 1) ^ ((uint64_t)(b) << 2) ^ ((uint64_t)(b) << 7))
 #define FOLD4(b) FOLD(b), FOLD((b) + 1), FOLD((b) + 2), FOLD((b) + 3)
@@ -54,14 +53,6 @@ const char *klc_engine_name(int engine)
     return names[engine];
 }
 
-int klc_engine_best(void)
-{
-    for (size_t i = 0; i < sizeof BEST_ORDER / sizeof BEST_ORDER[0]; i++)
-        if (klc_engine_available(BEST_ORDER[i]))
-            return BEST_ORDER[i];
-    return KLC_ENGINE_OPENSSL;
-}
-
 int klc_xts_new(int engine, const uint8_t *key, size_t key_len, klc_xts **out)
 {
     if (!out || !key || (key_len != 32 && key_len != 64))
@@ -74,6 +65,9 @@ int klc_xts_new(int engine, const uint8_t *key, size_t key_len, klc_xts **out)
         return KLC_ERR_UNSUPPORTED;
     if (!o->available())
         return KLC_ERR_UNSUPPORTED;
+    int rc = klc_engine_selftest(engine);   /* once per process and engine */
+    if (rc != KLC_OK)
+        return rc;
     klc_xts *ctx = calloc(1, sizeof *ctx);
     if (!ctx)
         return KLC_ERR_NOMEM;
@@ -85,7 +79,7 @@ int klc_xts_new(int engine, const uint8_t *key, size_t key_len, klc_xts **out)
         free(ctx);
         return KLC_ERR_NOMEM;
     }
-    int rc = o->init(ctx, key, key_len);
+    rc = o->init(ctx, key, key_len);
     if (rc != KLC_OK) {
         klc_xts_free(ctx);
         return rc;

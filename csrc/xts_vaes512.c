@@ -19,7 +19,7 @@
  *             Sapphire/Emerald/Granite Rapids, and AVX10/512 parts.  On Zen 4
  *             a zmm op is two ymm halves, so this engine can only tie `vaes`
  *             there: `auto` measures both at first use and takes vaes512 only
- *             if it is >= 5% faster (xts.c, klc_engine_best).
+ *             if it is >= 5% faster (xts_select.c).
  * Contract:   see engine.h; as xts_vaes.c.  crypt() gets whole sectors
  *             (sector_size a power of two in 512..4096, a multiple of 32
  *             blocks: no tails, no ciphertext stealing), any alignment, dst ==
@@ -41,7 +41,7 @@
  * matrix (tests/test_engines.py).  The real instruction path was compiled and
  * its disassembly read, but has NOT been executed by its author; on a CPU
  * with the instructions the same matrix runs against it, and every process
- * runs a known-answer self-test (xts_selftest.c) before it first uses it.
+ * runs a known-answer self-test (xts_select.c) before it first uses it.
  *
  * Speed:      NOT MEASURED (no CPU with VAES on zmm was available).  Expected
  *             on Zen 5, AES-256-XTS 4 KiB sectors, one core: close to 2x

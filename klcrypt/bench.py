@@ -23,6 +23,8 @@ added; existing ones are never renamed or change meaning):
         "pool_threads": int,         # threads a big call is split across (caller included)
         "cpu_features": [str, ...],  # klcrypt.xts.CPU_FEATURES names found on this CPU
         "auto_engine": str,          # the engine `--engine auto` picks here
+        "auto_vaes512_vs_vaes": float | null,   # the speed ratio behind that choice,
+                                     # measured once by the C core (null: not both here)
         "engines_available": [str, ...]
       },
       "method": {"seconds_per_figure": float, "repeats": int, "call_bytes": int,
@@ -51,6 +53,11 @@ added; existing ones are never renamed or change meaning):
                                      # "kernel_engine": "kl" | "klemu" (the C engine);
                                      # kl/trap runs 64 KiB calls under the emulator
       ],
+      "unsupported": [               # raw-key engines asked for (default: all) that
+        {"engine": str,              # cannot run here, and why
+         "missing": [str, ...],      # CPU_FEATURES names this CPU/OS lacks
+         "reason": str}              # e.g. "not supported on this CPU: needs VAES, VPCLMULQDQ"
+      ],
       "keylocker": {...},            # what CPUID says about Key Locker
                                      # (klcrypt.keylocker.detect() + "found": str)
       ...                            # one key per further Section, a list of rows
@@ -64,7 +71,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .native import check, ffi, lib
-from .xts import (XTS, available_engines, best_engine, cpu_features, pool_threads)
+from .xts import (RAW_KEY_ENGINES, XTS, auto_ratio, available_engines, best_engine,
+                  cpu_features, missing_features, pool_threads, selftest_passed)
 
 SECTOR = 4096
 CALL_BYTES = 1 << 20
@@ -133,8 +141,39 @@ def machine_info() -> dict:
         "pool_threads": pool_threads(),
         "cpu_features": [n for n, ok in feats.items() if ok],
         "auto_engine": best_engine(),
+        "auto_vaes512_vs_vaes": auto_ratio(),
         "engines_available": available_engines(),
     }
+
+
+# How the benchmark names a missing CPU/OS feature (klcrypt.xts.CPU_FEATURES keys).
+FEATURE_LABELS = {"aes": "AES-NI", "pclmulqdq": "PCLMULQDQ", "avx2": "AVX2", "vaes": "VAES",
+                  "vpclmulqdq": "VPCLMULQDQ", "ymm_os": "OS support for YMM state",
+                  "avx512f": "AVX-512F", "avx512bw": "AVX-512BW", "avx512vl": "AVX-512VL",
+                  "zmm_os": "OS support for ZMM state"}
+
+
+def unsupported_rows(opts: "Options") -> list[dict]:
+    """A row for each raw-key engine asked for that cannot run here."""
+    rows = []
+    have = available_engines()
+    for e in opts.engines or RAW_KEY_ENGINES:
+        if e in have:
+            continue
+        missing = missing_features(e)
+        if missing:
+            reason = ("not supported on this CPU: needs "
+                      + ", ".join(FEATURE_LABELS.get(f, f) for f in missing))
+        elif not selftest_passed(e):
+            reason = "failed its known-answer self-test on this CPU: not used"
+        else:
+            reason = "not available in this build"
+        rows.append({"engine": e, "missing": missing, "reason": reason})
+    return rows
+
+
+def format_unsupported(rows) -> str:
+    return "\n".join(f"{r['engine']:>8}   {r['reason']}" for r in rows)
 
 
 # ---- the AES-XTS section ------------------------------------------------------------
@@ -295,10 +334,12 @@ SECTIONS: list[Section] = [
     Section("pbkdf", lambda opts: pbkdf_rows()),
     Section("cipher", cipher_rows),
     Section("cipher", keylocker_rows),
+    Section("unsupported", unsupported_rows),
 ]
 FORMATS: dict[str, Callable[[list], str]] = {
     "pbkdf": format_pbkdf_lines,
     "cipher": format_cipher_table,
+    "unsupported": format_unsupported,
 }
 INFO: list[tuple] = [
     ("keylocker", keylocker_summary, lambda kl: f"# Key Locker: {kl['found']}"),
@@ -324,6 +365,11 @@ def run(opts: Options | None = None, sections=None) -> dict:
     return report
 
 
+def _auto_why(m: dict) -> str:
+    r = m.get("auto_vaes512_vs_vaes")
+    return f" (vaes512 measured {r:.2f}x vaes at first use)" if r else ""
+
+
 def format_report(report: dict) -> str:
     m = report["machine"]
     meth = report["method"]
@@ -332,7 +378,8 @@ def format_report(report: dict) -> str:
         f"# CPU: {m['cpu_model']}, {m['online_cpus']} CPUs online, "
         f"big calls split across {m['pool_threads']} threads",
         f"# CPU features: {' '.join(m['cpu_features']) or 'none'} ({kl})",
-        f"# auto engine: {m['auto_engine']}; available: {', '.join(m['engines_available'])}",
+        f"# auto engine: {m['auto_engine']}{_auto_why(m)}; "
+        f"available: {', '.join(m['engines_available'])}",
         f"# Tests are approximate, memory only: {meth['sector_size'] // 1024} KiB sectors, "
         f"{meth['call_bytes'] >> 20} MiB per call, best of {meth['repeats']} runs per figure.",
     ]

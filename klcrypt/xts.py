@@ -89,13 +89,37 @@ def engine_name(engine_id: int) -> str:
     return ffi.string(p).decode() if p != ffi.NULL else f"engine{engine_id}"
 
 
+def selftest_passed(engine: str) -> bool:
+    """True if the engine passed its known-answer self-test in this process (the
+    C core runs it once, before first use; a failed engine is never used)."""
+    return lib.klc_engine_selftest(ENGINE_IDS[engine]) == lib.KLC_OK
+
+
 def available_engines() -> list[str]:
-    """Raw-key engines usable on this CPU, fastest first."""
-    return [n for n in RAW_KEY_ENGINES if lib.klc_engine_available(ENGINE_IDS[n])]
+    """Raw-key engines usable on this CPU (and passing their self-test), widest first."""
+    return [n for n in RAW_KEY_ENGINES
+            if lib.klc_engine_available(ENGINE_IDS[n]) and selftest_passed(n)]
 
 
 def best_engine() -> str:
     return engine_name(lib.klc_engine_best())
+
+
+def auto_ratio() -> float | None:
+    """vaes512's speed over vaes as measured once by `auto` (None: not measured,
+    because one of them cannot run here)."""
+    r = lib.klc_engine_auto_ratio()
+    return r / 1000 if r > 0 else None
+
+
+def _check_usable(engine: str, kind: str = "engine") -> None:
+    if not lib.klc_engine_available(ENGINE_IDS[engine]):
+        missing = ", ".join(missing_features(engine)) or "unknown"
+        raise errors.UnsupportedError(
+            f"{kind} '{engine}' is not available on this CPU (missing: {missing})")
+    if not selftest_passed(engine):
+        raise errors.UnsupportedError(
+            f"{kind} '{engine}' failed its known-answer self-test on this CPU and is not used")
 
 
 def resolve_engine(engine: str = "auto") -> str:
@@ -107,10 +131,7 @@ def resolve_engine(engine: str = "auto") -> str:
     if engine not in RAW_KEY_ENGINES:
         raise errors.UsageError(
             f"unknown engine '{engine}' (choose from auto, {', '.join(RAW_KEY_ENGINES)})")
-    if not lib.klc_engine_available(ENGINE_IDS[engine]):
-        missing = ", ".join(missing_features(engine)) or "unknown"
-        raise errors.UnsupportedError(
-            f"engine '{engine}' is not available on this CPU (missing: {missing})")
+    _check_usable(engine)
     return engine
 
 
@@ -123,10 +144,7 @@ def _check_sector_args(length: int, sector_size: int) -> None:
 
 
 def _resolve_test_engine(engine: str) -> str:
-    if not lib.klc_engine_available(ENGINE_IDS[engine]):
-        missing = ", ".join(missing_features(engine)) or "unknown"
-        raise errors.UnsupportedError(
-            f"test engine '{engine}' is not available on this CPU (missing: {missing})")
+    _check_usable(engine, "test engine")
     return engine
 
 

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from klcrypt import bench, cli
+from klcrypt.exitcodes import ExitCode
 from klcrypt.xts import available_engines, best_engine
 
 pytestmark = pytest.mark.unit
@@ -68,3 +69,32 @@ def test_sections_are_extensible():
     report = bench.run(bench.Options(seconds=0.01, repeats=1),
                        sections=[bench.Section("extra", rows)])
     assert report["extra"] == [{"thing": 1}] and calls == [0.01]
+
+
+def test_engines_that_cannot_run_here_get_a_reason_line():
+    """Every raw-key engine is in the report: measured, or a line saying what
+    this CPU lacks (e.g. vaes512 without VAES/VPCLMULQDQ/AVX-512)."""
+    from klcrypt.xts import RAW_KEY_ENGINES, missing_features
+    report = bench.run(bench.Options(seconds=0.004, repeats=1),
+                       sections=[bench.Section("unsupported", bench.unsupported_rows)])
+    text = bench.format_report(report)
+    rows = {r["engine"]: r for r in report.get("unsupported", [])}
+    assert set(rows) == set(RAW_KEY_ENGINES) - set(available_engines())
+    for e, r in rows.items():
+        assert r["missing"] == missing_features(e)
+        assert any(line.split()[:1] == [e] and r["reason"] in line for line in text.splitlines())
+        if r["missing"]:
+            assert r["reason"].startswith("not supported on this CPU: needs ")
+            for f in r["missing"]:
+                assert bench.FEATURE_LABELS[f] in r["reason"]
+    json.dumps(report)
+
+
+def test_verb_names_what_a_requested_engine_lacks(capsys):
+    from klcrypt.xts import RAW_KEY_ENGINES
+    absent = [e for e in RAW_KEY_ENGINES if e not in available_engines()]
+    if not absent:
+        pytest.skip("every engine runs on this CPU")
+    assert cli.main(["benchmark", "--engine", absent[0]]) == ExitCode.UNSUPPORTED
+    err = capsys.readouterr().err
+    assert f"engine {absent[0]}: not supported on this CPU: needs" in err

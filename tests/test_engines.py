@@ -424,3 +424,116 @@ def test_test_engines_are_hidden_from_users(monkeypatch):
         monkeypatch.setenv(ENV_ENGINE, e)
         with pytest.raises(errors.UsageError, match="unknown engine"):
             XTS(os.urandom(64))
+
+
+# ---- run-time self-test and the choice of `auto` -------------------------------------
+
+ROOT = Path(__file__).parent.parent
+ALL_RAW = RAW_KEY_ENGINES + TEST_ENGINES
+
+
+def _c_bytes(name):
+    import re
+    src = (ROOT / "csrc" / "xts_select.c").read_text()
+    m = re.search(r"\b" + name + r"\[\d+\] = \{([^}]*)\}", src)
+    body = re.sub(r"/\*.*?\*/", "", m.group(1), flags=re.S)
+    return bytes(int(x, 16) for x in body.replace(",", " ").split())
+
+
+def test_selftest_known_answers_are_the_published_ones():
+    """xts_select.c keeps SHA-256 digests of IEEE 1619 ciphertexts and the vector
+    keys: they must be those of tests/data/ieee1619_xts.txt."""
+    import hashlib
+    v = {x["n"]: x for x in VECTORS}
+    assert _c_bytes("V4_KEY") == v[4]["key"] == v[5]["key"] == v[6]["key"]
+    assert _c_bytes("V10_KEY") == v[10]["key"] == v[14]["key"]
+    assert all(v[n]["ptx"] == bytes(range(256)) * 2 for n in (4, 10, 11, 12, 13, 14))
+    assert v[5]["ptx"] == v[4]["ctx"] and v[6]["ptx"] == v[5]["ctx"]
+    assert [v[n]["dsn"] for n in range(10, 15)] == [0xff, 0xffff, 0xffffff, 0xffffffff,
+                                                     0xffffffffff]
+    assert _c_bytes("V4_6_SHA256") == hashlib.sha256(
+        b"".join(v[n]["ctx"] for n in (4, 5, 6))).digest()
+    assert _c_bytes("V10_14_SHA256") == hashlib.sha256(
+        b"".join(v[n]["ctx"] for n in range(10, 15))).digest()
+
+
+def test_every_available_engine_passes_its_selftest():
+    for e in ALL_RAW:
+        rc = lib.klc_engine_selftest(ENGINE_IDS[e])
+        if lib.klc_engine_available(ENGINE_IDS[e]):
+            assert rc == lib.KLC_OK, e
+        else:
+            assert rc == lib.KLC_ERR_UNSUPPORTED, e
+    assert lib.klc_engine_selftest(0) == lib.KLC_ERR_UNSUPPORTED
+    assert lib.klc_engine_selftest(99) == lib.KLC_ERR_UNSUPPORTED
+    assert lib.klc_engine_selftest_fail(lib.KLC_ENGINE_KL) == lib.KLC_ERR_ARG
+
+
+FAILED_ENGINE_PROBE = r"""
+import os, sys
+from klcrypt import errors
+from klcrypt.native import ffi, lib
+from klcrypt.xts import ENGINE_IDS, XTS, available_engines, best_engine, resolve_engine
+bad = sys.argv[1]
+assert lib.klc_engine_selftest_fail(ENGINE_IDS[bad]) == lib.KLC_OK
+out = ffi.new("klc_xts **")
+key = os.urandom(64)
+assert lib.klc_xts_new(ENGINE_IDS[bad], key, 64, out) == lib.KLC_ERR_CRYPTO
+assert bad not in available_engines() and best_engine() != bad
+try:
+    XTS(key, bad)
+except errors.UnsupportedError as e:
+    assert "self-test" in str(e), e
+else:
+    raise AssertionError("a failed engine was used")
+with XTS(key) as x, XTS(key, "openssl") as ref:     # auto falls back to another one
+    assert x.engine != bad
+    assert x.encrypt(bytes(4096), 4096, 3) == ref.encrypt(bytes(4096), 4096, 3)
+os.environ["KLCRYPT_ENGINE"] = bad
+try:
+    resolve_engine("auto")
+except (errors.UnsupportedError, errors.UsageError):   # UsageError: a test-only engine
+    pass
+else:
+    raise AssertionError("KLCRYPT_ENGINE chose a failed engine")
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("engine", [e for e in ALL_RAW if e != "openssl"])
+def test_engine_failing_selftest_is_never_used(engine):
+    """Marked failed (as a failed known-answer test would), the engine is refused
+    by klc_xts_new, XTS(), $KLCRYPT_ENGINE, and skipped by auto (a fresh process:
+    the verdict lasts for the process)."""
+    import subprocess
+    if not lib.klc_engine_available(ENGINE_IDS[engine]):
+        pytest.skip(f"CPU lacks {', '.join(missing_features(engine))} (engine {engine})")
+    r = subprocess.run([sys.executable, "-c", FAILED_ENGINE_PROBE, engine],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_speed_ratio_measures_usable_engines_only():
+    have = [e for e in ALL_RAW if lib.klc_engine_available(ENGINE_IDS[e])]
+    if len(have) >= 2:
+        r = lib.klc_engine_speed_ratio(ENGINE_IDS[have[0]], ENGINE_IDS[have[1]])
+        assert 0 < r <= 1_000_000
+    aes = ENGINE_IDS["aesni"]
+    assert lib.klc_engine_speed_ratio(aes, aes) == lib.KLC_ERR_UNSUPPORTED
+    assert lib.klc_engine_speed_ratio(aes, lib.KLC_ENGINE_KL) == lib.KLC_ERR_UNSUPPORTED
+    for e in ALL_RAW:
+        if not lib.klc_engine_available(ENGINE_IDS[e]):
+            assert lib.klc_engine_speed_ratio(ENGINE_IDS[e], aes) == lib.KLC_ERR_UNSUPPORTED
+
+
+def test_auto_takes_vaes512_only_when_measured_faster():
+    from klcrypt.xts import auto_ratio, available_engines, best_engine
+    have = available_engines()
+    ratio = auto_ratio()
+    if "vaes512" not in have or "vaes" not in have:
+        assert ratio is None
+        assert best_engine() == have[0] if have[0] != "vaes512" else "vaes512"
+        pytest.skip(f"needs vaes512 and vaes (this CPU lacks "
+                    f"{', '.join(missing_features('vaes512')) or 'nothing'})")
+    assert ratio is not None and ratio > 0
+    assert best_engine() == ("vaes512" if ratio >= 1.05 else "vaes")

@@ -5,7 +5,7 @@ Field names of --json are documented (and kept stable) in klcrypt/bench.py.
 import json
 
 from .. import bench, errors
-from ..xts import RAW_KEY_ENGINES, available_engines
+from ..xts import RAW_KEY_ENGINES
 
 
 def add_arguments(p):
@@ -24,12 +24,11 @@ def run(args) -> int:
         raise errors.UsageError("--seconds must be > 0 and --repeats >= 1")
     engines = None
     if args.engine:
-        have = available_engines()
-        missing = [e for e in args.engine if e not in have]
-        if missing:
-            raise errors.UnsupportedError(
-                f"engine {', '.join(missing)} is not available on this CPU")
         engines = [e for e in RAW_KEY_ENGINES if e in args.engine]
+        bad = bench.unsupported_rows(bench.Options(engines=engines))
+        if bad:
+            raise errors.UnsupportedError(
+                "; ".join(f"engine {r['engine']}: {r['reason']}" for r in bad))
     report = bench.run(bench.Options(seconds=args.seconds, repeats=args.repeats,
                                      engines=engines))
     if args.json:
