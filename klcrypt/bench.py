@@ -327,6 +327,20 @@ def keylocker_summary() -> dict:
     return info
 
 
+def transport_summary() -> dict:
+    """Which FUSE transport `open --transport auto` takes on this machine, and why."""
+    from .mapping import transport
+    offered, why = transport.uring_offer()
+    return {"auto": "uring" if offered else "dev", "uring_offered": offered,
+            "reason": why}
+
+
+def format_transport(t: dict) -> str:
+    if t["uring_offered"]:
+        return "# FUSE transport (open --transport auto): io_uring, offered by the kernel"
+    return f"# FUSE transport (open --transport auto): /dev/fuse; io_uring not offered: {t['reason']}"
+
+
 # What the report measures, in order.  Extend these lists (e.g. PBKDF rows):
 # SECTIONS: producers of rows; FORMATS: JSON key -> table printer;
 # INFO: (JSON key, producer of a dict, printer) for facts that are not measured.
@@ -343,6 +357,7 @@ FORMATS: dict[str, Callable[[list], str]] = {
 }
 INFO: list[tuple] = [
     ("keylocker", keylocker_summary, lambda kl: f"# Key Locker: {kl['found']}"),
+    ("fuse_transport", transport_summary, format_transport),
 ]
 
 

@@ -49,6 +49,7 @@ KLCRYPT_OPTIONS = {
     "emulated-cpu": "--emulated-cpu",
     "lock-timeout": "--lock-timeout",
     "threads": "--threads",
+    "transport": "--transport",
 }
 # Options that only mean something to mount(8), fstab or systemd: never passed to
 # the inner filesystem (mount(8) already drops most of them before calling us).
@@ -213,7 +214,7 @@ def usage() -> str:
             'options (a value may be double-quoted: keyfile="/a,b"; none may start '
             "with '-'): keyfile=F, fstype=T, name=N, engine=E, keylocker=K, restore-mode=M, "
             "emulated-cpu=P, lock-timeout=S, "
-            "keyfile-size=B, keyfile-offset=B, key-slot=S, threads=N, ro, nofail; "
+            "keyfile-size=B, keyfile-offset=B, key-slot=S, threads=N, transport=T, ro, nofail; "
             "anything else goes to the inner filesystem")
 
 

@@ -70,3 +70,46 @@ def klcrypt_cli():
         return _subprocess.run([_sys.executable, "-m", "klcrypt", *args], input=input,
                                capture_output=True, text=True, timeout=timeout)
     return run
+
+
+# ---- FUSE transports: io_uring is offered only while the fuse module's switch is
+# Y; a test that needs it switches it for itself and restores what it found ----
+ENABLE_URING = "/sys/module/fuse/parameters/enable_uring"
+
+
+def _set_uring(value: str) -> str:
+    with open(ENABLE_URING) as f:
+        old = f.read().strip()
+    with open(ENABLE_URING, "w") as f:
+        f.write(value)
+    return old
+
+
+def _uring_switch(value: str):
+    if not IS_ROOT or not os.path.exists(ENABLE_URING):
+        pytest.skip("this kernel has no FUSE over io_uring switch (or not root)")
+    old = _set_uring(value)
+    try:
+        yield value
+    finally:
+        _set_uring(old)
+
+
+@pytest.fixture
+def uring_on():
+    """FUSE over io_uring switched on for this test (restored afterwards)."""
+    yield from _uring_switch("Y")
+
+
+@pytest.fixture
+def uring_off():
+    """FUSE over io_uring switched off for this test (restored afterwards)."""
+    yield from _uring_switch("N")
+
+
+@pytest.fixture(params=["dev", "uring"])
+def transport(request):
+    """Run the test over each FUSE transport (io_uring switched on for "uring")."""
+    if request.param == "uring":
+        request.getfixturevalue("uring_on")
+    return request.param

@@ -33,9 +33,10 @@ def run(cmd, **kw):
     ("randwrite", "4k", 1),      # random, O_DIRECT
     ("randwrite", "12k", 0),     # random, not sector-aligned sizes in the page cache
 ])
-def test_fio_verify(vol, name, rw, bs, direct, tmp_path):
-    with maputil.mapping(vol, name):
+def test_fio_verify(vol, name, rw, bs, direct, tmp_path, transport):
+    with maputil.mapping(vol, name, transport=transport):
         path = str(system.Paths(name).file)
+        assert api.status(name)["transport"] == transport
         half = vol["data_size"] // 2
         r = run(["fio", "--name=verify", f"--filename={path}", f"--rw={rw}", f"--bs={bs}",
                  f"--direct={direct}", "--ioengine=libaio", "--iodepth=16", "--numjobs=2",
@@ -74,20 +75,21 @@ def _sums(root, rels):
     return out
 
 
-def test_ext4_on_loop(vol, name, tmp_path, klcrypt_cli):
+def test_ext4_on_loop(vol, name, tmp_path, klcrypt_cli, transport):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     kf = vol["passfile"]
-    r = klcrypt_cli("open", vol["path"], name, "--key-file", kf)
+    r = klcrypt_cli("open", vol["path"], name, "--key-file", kf, "--transport", transport)
     assert r.returncode == 0, r.stderr
     path = str(system.Paths(name).file)
     assert run(["mkfs.ext4", "-q", "-F", "-b", "4096", path]).returncode == 0
     assert klcrypt_cli("close", name).returncode == 0
 
     r = klcrypt_cli("open", vol["path"], name, "--key-file", kf, "--mount", str(mnt),
-                    "--fstype", "ext4", "--mount-options", "noatime")
+                    "--fstype", "ext4", "--mount-options", "noatime", "--transport", transport)
     assert r.returncode == 0, r.stderr
     st = api.status(name)
+    assert st["transport"] == transport
     assert st["loop"] and st["loop"].startswith("/dev/loop") and st["mount"] == str(mnt)
     assert system.find_mount(str(mnt)).source == st["loop"]
     assert run(["cat", f"/sys/block/{os.path.basename(st['loop'])}/queue/logical_block_size"]
@@ -106,13 +108,15 @@ def test_ext4_on_loop(vol, name, tmp_path, klcrypt_cli):
     assert r.returncode == 0, r.stderr
     assert not system.find_mount(str(mnt)) and not system.loops_for(path)
 
-    r = klcrypt_cli("open", vol["path"], name, "--key-file", kf, "--read-only")
+    r = klcrypt_cli("open", vol["path"], name, "--key-file", kf, "--read-only",
+                    "--transport", transport)
     assert r.returncode == 0, r.stderr
     fsck = run(["fsck.ext4", "-fn", path])
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     assert klcrypt_cli("close", name).returncode == 0
 
-    r = klcrypt_cli("open", vol["path"], name, "--key-file", kf, "--mount", str(mnt))
+    r = klcrypt_cli("open", vol["path"], name, "--key-file", kf, "--mount", str(mnt),
+                    "--transport", transport)
     assert r.returncode == 0, r.stderr
     try:
         assert _sums(str(mnt), sums) == sums

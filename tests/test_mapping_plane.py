@@ -20,8 +20,9 @@ pytestmark = pytest.mark.fuse
 
 
 @pytest.fixture
-def mounted(tmp_path):
-    """A plane over a fresh volume with emulated Key Locker handles (klemu)."""
+def mounted(tmp_path, transport):
+    """A plane over a fresh volume with emulated Key Locker handles (klemu), served
+    over each FUSE transport."""
     vol = maputil.make_volume(tmp_path / "v.img", 20 << 20)
     prov = provision(bytearray(vol["key"]), keylocker="emulated", engine="klemu")
     target = tmp_path / "plain"
@@ -31,7 +32,8 @@ def mounted(tmp_path):
         with mounted_plane(vol["path"], target, backing, data_offset=vol["data_offset"],
                            size=vol["data_size"], sector_size=vol["sector_size"], iv_tweak=0,
                            xts=prov.xts, threads=3, direct_io=True,
-                           lock_timeout_ms=1500) as plane:
+                           lock_timeout_ms=1500, transport=transport) as plane:
+            assert plane.stats()["transport"] == transport
             yield vol, prov, plane, str(target)
     finally:
         prov.close()

@@ -14,7 +14,7 @@ import time
 
 from .. import errors, hardening
 from ..luks2.device import DeviceHandle, open_device
-from . import protocol, system
+from . import protocol, system, transport
 from .config import DaemonConfig, MapOptions, Target
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ def daemon_argv() -> list[str]:
 def precheck(target: Target, opts: MapOptions) -> None:
     """Cheap checks with clear messages before anything is started."""
     system.check_name(opts.name)
+    transport.choose(opts.transport)     # --transport uring where the kernel offers none: error
     if os.geteuid() != 0:
         raise errors.PermissionDenied("open needs root (FUSE mount on /run/klcrypt)")
     system.check_run_dir()

@@ -2,7 +2,7 @@
 mapping, and the `status` text format.  verbs/open.py, verbs/close.py and
 verbs/status.py stay thin."""
 from ..xts import RAW_KEY_ENGINES
-from . import api
+from . import api, transport
 from .config import LOCK_TIMEOUT_MS, PLANE_THREADS
 
 ENGINES = ("auto", "kl") + RAW_KEY_ENGINES
@@ -27,6 +27,10 @@ def add_mapping_arguments(p) -> None:
     g.add_argument("--mount-options", metavar="O", help="mount options for --mount")
     g.add_argument("--threads", type=int, default=None,
                    help=f"data plane threads (default {PLANE_THREADS})")
+    g.add_argument("--transport", choices=transport.CHOICES, default="auto",
+                   help="how FUSE requests reach the data plane: uring (FUSE over io_uring, "
+                        "Linux 6.14+ with /sys/module/fuse/parameters/enable_uring = Y), "
+                        "dev (/dev/fuse) or auto (io_uring when the kernel offers it)")
     g.add_argument("--page-cache", action="store_true",
                    help="let the kernel cache the plaintext file in its page cache "
                         "(default: direct I/O, like a block device; faster here)")
@@ -69,7 +73,7 @@ def options_from_args(args, default_engine: str | None = None) -> api.MapOptions
         engine=args.engine or default_engine or "auto", keylocker=args.keylocker,
         foreground=args.foreground, mount_dir=args.mount_dir, fstype=args.fstype,
         mount_options=args.mount_options, direct_io=not args.page_cache,
-        verbose=bool(getattr(args, "verbose", False)), **given)
+        transport=args.transport, verbose=bool(getattr(args, "verbose", False)), **given)
 
 
 def _lock_timeout_ms(seconds: float) -> int:
@@ -117,6 +121,7 @@ def format_status(st: dict) -> str:
         f"  loop:        {st['loop'] or '-'}",
         f"  mount:       {st['mount'] or '-'}",
         f"  daemon:      pid {st['pid']}, {st['threads']} threads",
+        f"  transport:   {transport.describe(st.get('transport'), st.get('transport_note'))}",
         f"  memory:      {_memory(st.get('memory'))}",
         "  io:          " + ", ".join(f"{k} {v}" for k, v in st["io"].items()),
         "  errors:      " + ", ".join(f"{k} {v}" for k, v in st["errors"].items()),

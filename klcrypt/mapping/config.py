@@ -52,6 +52,7 @@ class MapOptions:
     restore_mode: str = "auto"       # klcrypt.restore.modes.CHOICES
     restore_mode_token: str | None = None   # the volume's klcrypt token default
     emulated_cpu: str | None = None  # --keylocker emulated: klcrypt.keylocker.model.PROFILES
+    transport: str = "auto"          # klcrypt.mapping.transport.CHOICES: auto, uring, dev
     verbose: bool = False
 
 

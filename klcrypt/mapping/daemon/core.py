@@ -14,7 +14,7 @@ import trio
 from ... import errors, hardening
 from ...luks2.device import DeviceHandle
 from ...restore.guard import Guard
-from .. import mountwatch, protocol, system
+from .. import mountwatch, protocol, system, transport
 from ..config import DaemonConfig
 from ..plane import Plane, fuse_mount
 
@@ -37,6 +37,7 @@ class Daemon:
         self._key = key
         self.keeper: Guard | None = None     # the one owner of the key and the lock state
         self.plane: Plane | None = None
+        self.transport_note = ""          # why this transport (status)
         self.backing_fd = -1
         self.fuse_fd = -1
         self.fuse_mount: system.MountEntry | None = None   # our FUSE mount, as mounted
@@ -232,15 +233,22 @@ class Daemon:
 
     def _step_plane(self) -> None:
         t, o = self.target, self.opts
+        # auto: io_uring if the kernel grants it at INIT, else /dev/fuse
+        tp, self.transport_note = transport.choose(o.transport)
         self.plane = Plane(
             fuse_fd=self.fuse_fd, backing_fd=self.backing_fd,
             data_offset=t.data_offset, size=t.data_size, sector_size=t.sector_size,
             iv_tweak=t.iv_tweak, xts=self.keeper.lend(), read_only=o.read_only,
             threads=o.threads, direct_io=o.direct_io, uid=os.getuid(), gid=os.getgid(),
             mode=0o600, engine_threads=o.engine_threads, lock_timeout_ms=o.lock_timeout_ms,
-            lock_on_key_failure=True)     # a dead handle parks the request, never EIO/garbage
+            lock_on_key_failure=True,     # a dead handle parks the request, never EIO/garbage
+            transport=tp)
         self.plane.init()
         self.plane.start()
+        running = self.plane.stats()["transport"]
+        if tp == "auto" and running != "uring":
+            self.transport_note = "io_uring not granted at FUSE INIT"
+        log.info("%s: FUSE transport %s", o.name, transport.describe(running, self.transport_note))
         self._tune_readahead(o.read_ahead_kb)
 
     def _tune_readahead(self, kb: int) -> None:
@@ -362,6 +370,8 @@ class Daemon:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "threads": st.get("threads", 0),
+            "transport": st.get("transport"),
+            "transport_note": self.transport_note,
             "memory": hardening.memory_status(),
             "io": {k: st.get(k, 0) for k in ("reads", "writes", "read_bytes", "written_bytes",
                                             "rmw", "syncs", "requests")},
