@@ -63,16 +63,20 @@ def layout(path, size):
 
 
 @contextlib.contextmanager
-def klcrypt_target(base, size, engine, direct_io, read_ahead_kb=0, keylocker="off", tag=""):
+def klcrypt_target(base, size, engine, direct_io, read_ahead_kb=0, keylocker="off", tag="",
+                   transport="auto", threads=0):
     # tag: lets several mappings be open at once (scripts/bench.py interleaves them)
     img = os.path.join(base, f"kl{tag}.img")
     vol = maputil.make_volume(img, size + (16 << 20))
     name = f"bench{os.getpid()}{tag}"
     st = api.open_mapping(maputil.target(vol), bytearray(vol["key"]),
                           api.MapOptions(name=name, engine=engine, keylocker=keylocker,
-                                         direct_io=direct_io, read_ahead_kb=read_ahead_kb))
+                                         direct_io=direct_io, read_ahead_kb=read_ahead_kb,
+                                         transport=transport, threads=threads))
     try:
-        yield str(system.Paths(name).file), st["engine"], st["pid"]
+        st = api.status(name)
+        label = f"{st['engine']}, {st['transport']}" + (f", {threads} threads" if threads else "")
+        yield str(system.Paths(name).file), label, st["pid"]
     finally:
         maputil.force_cleanup(name)
         os.unlink(img)
@@ -118,6 +122,47 @@ def securefs_target(base, size):
         os.rmdir(mnt)
 
 
+@contextlib.contextmanager
+def raw_target(base, size):
+    """The backing file itself: no encryption, no FUSE (the ceiling)."""
+    path = os.path.join(base, "raw.img")
+    with open(path, "wb") as f:
+        f.truncate(size)
+    try:
+        yield path, "raw file (no encryption)", None
+    finally:
+        os.unlink(path)
+
+
+@contextlib.contextmanager
+def uring_switch(on: bool):
+    """FUSE over io_uring switched on for the run (--enable-uring), then restored.
+    klcrypt itself never flips this switch; the benchmark does only when asked."""
+    from klcrypt.mapping import transport
+    old = None
+    if on and os.path.exists(transport.ENABLE_URING):
+        with open(transport.ENABLE_URING) as f:
+            old = f.read().strip()
+        with open(transport.ENABLE_URING, "w") as f:
+            f.write("Y")
+    try:
+        yield
+    finally:
+        if old is not None:
+            with open(transport.ENABLE_URING, "w") as f:
+                f.write(old)
+
+
+def transports():
+    """The FUSE transports to measure: /dev/fuse always, io_uring where offered."""
+    from klcrypt.mapping import transport
+    offered, why = transport.uring_offer()
+    if not offered:
+        print(f"bench: io_uring not measured: {why} (or pass --enable-uring)",
+              file=sys.stderr)
+    return ["dev", "uring"] if offered else ["dev"]
+
+
 def run_targets(ctxs, size, runtime, rounds):
     """All targets mounted at once; each workload runs on each target in turn,
     `rounds` times, best kept: a load that changes during the run hits every
@@ -159,7 +204,16 @@ def main():
     ap.add_argument("--read-ahead-kb", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=2, help="runs per line, best kept")
     ap.add_argument("--json")
+    ap.add_argument("--enable-uring", action="store_true",
+                    help="switch FUSE over io_uring on for the run (restored after)")
+    ap.add_argument("--threads", default="0",
+                    help="data plane threads, comma-separated to compare (0 = default)")
     a = ap.parse_args()
+    with uring_switch(a.enable_uring):
+        run(a)
+
+
+def run(a):
     size = a.size_mib << 20
     os.environ.setdefault(system.ENV_RUN_DIR, tempfile.mkdtemp(prefix="klcrypt-bench-run-"))
     peers = [p for p in a.peers.split(",") if p and shutil.which(p)]
@@ -167,16 +221,24 @@ def main():
     for backing in a.backing.split(","):
         if backing == "ram":
             base = tempfile.mkdtemp(prefix="klcrypt-bench-ram-")
-            sh(["mount", "-t", "tmpfs", "-o", f"size={4 * a.size_mib + 128}m", "tmpfs", base])
+            sh(["mount", "-t", "tmpfs", "-o", f"size={16 * a.size_mib + 128}m", "tmpfs", base])
         else:
             base = tempfile.mkdtemp(prefix="klcrypt-bench-disk-", dir=a.disk_dir)
         try:
-            ctxs = [klcrypt_target(base, size, a.engine, not a.page_cache, a.read_ahead_kb)]
+            ctxs = [raw_target(base, size)]
+            nkl = 0
+            for tp in transports():
+                for th in (int(t) for t in a.threads.split(",")):
+                    ctxs.append(klcrypt_target(base, size, a.engine, not a.page_cache,
+                                               a.read_ahead_kb, tag=f"-{tp}{th}",
+                                               transport=tp, threads=th))
+                    nkl += 1
             for peer in peers:
                 ctxs.append((gocryptfs_target if peer == "gocryptfs" else securefs_target)(
                     base, size))
             rows = run_targets(ctxs, size, a.runtime, a.rounds)
-            rows = {(f"klcrypt ({k})" if i == 0 else k): v for i, (k, v) in enumerate(rows.items())}
+            rows = {(f"klcrypt ({k})" if 1 <= i <= nkl else k): v
+                    for i, (k, v) in enumerate(rows.items())}
             results[backing] = rows
         finally:
             if backing == "ram":
@@ -191,7 +253,7 @@ def main():
 
 def print_table(backing, rows):
     print(f"\n== backing: {backing} ==")
-    hdr = f"{'target':<20}" + "".join(f"{w:>16}" for w, _ in WORKLOADS)
+    hdr = f"{'target':<32}" + "".join(f"{w:>16}" for w, _ in WORKLOADS)
     print(hdr)
     for label, r in rows.items():
         cells = []
@@ -202,15 +264,33 @@ def print_table(backing, rows):
                 continue
             cells.append(f"{v['MBps']:>11.0f} MB/s" if w.startswith("seq")
                          else f"{v['iops'] / 1000:>10.1f}k IOPS")
-        print(f"{label:<20}" + "".join(f"{c:>16}" for c in cells))
-    kl = next(iter(rows.values()))
-    peers = list(rows.items())[1:]
-    if peers:
+        print(f"{label:<32}" + "".join(f"{c:>16}" for c in cells))
+    raw = rows.get("raw file (no encryption)")
+    kls = [(k, v) for k, v in rows.items() if k.startswith("klcrypt")]
+    peers = [(k, v) for k, v in rows.items() if not k.startswith(("klcrypt", "raw"))]
+    ratios(kls, raw)
+    if kls and peers:
+        kl = max(kls, key=lambda kv: sum(kv[1][w]["MBps"] for w, _ in WORKLOADS))[1]
         for w, _ in WORKLOADS:
             key = "MBps" if w.startswith("seq") else "iops"
             best = max(peers, key=lambda kv: kv[1][w][key])
             ratio = kl[w][key] / best[1][w][key] if best[1][w][key] else float("inf")
             print(f"  {w:<10} klcrypt / best peer ({best[0]}): {ratio:5.2f}x")
+
+
+def ratios(kls, raw):
+    """io_uring against /dev/fuse (same engine, same run), and each against the raw file."""
+    for w, _ in WORKLOADS:
+        key = "MBps" if w.startswith("seq") else "iops"
+        dev = [v[w][key] for k, v in kls if ", dev" in k]
+        uring = [v[w][key] for k, v in kls if ", uring" in k]
+        line = f"  {w:<10}"
+        if dev and uring and max(dev):
+            line += f" io_uring / dev: {max(uring) / max(dev):5.2f}x"
+        if raw and raw[w][key]:
+            best = max(dev + uring)
+            line += f"   best klcrypt / raw file: {100 * best / raw[w][key]:5.1f}%"
+        print(line)
 
 
 if __name__ == "__main__":
