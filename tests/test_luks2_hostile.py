@@ -59,6 +59,13 @@ def hostile(img) -> None:
     mutate_meta(img, f)
 
 
+def hostile_copy(tmp_path, base) -> str:
+    img = str(tmp_path / "v.img")
+    shutil.copyfile(base, img)
+    hostile(img)
+    return img
+
+
 def assert_inert(out: bytes) -> None:
     """Nothing but printable text, spaces, tabs and newlines."""
     text = out.decode("utf-8")
@@ -69,9 +76,7 @@ def assert_inert(out: bytes) -> None:
 def test_dump_escapes_header_text(tmp_path, base):
     clean = str(tmp_path / "clean.img")
     shutil.copyfile(base, clean)
-    img = str(tmp_path / "v.img")
-    shutil.copyfile(base, img)
-    hostile(img)
+    img = hostile_copy(tmp_path, base)
     r = klc("dump", img)
     assert r.returncode == 0, r.stderr
     assert_inert(r.stdout)
@@ -89,9 +94,7 @@ def test_dump_escapes_header_text(tmp_path, base):
 
 
 def test_dump_json_is_exact_and_inert(tmp_path, base):
-    img = str(tmp_path / "v.img")
-    shutil.copyfile(base, img)
-    hostile(img)
+    img = hostile_copy(tmp_path, base)
     r = klc("dump", "--json", img)
     assert r.returncode == 0, r.stderr
     assert_inert(r.stdout)
@@ -102,9 +105,7 @@ def test_dump_json_is_exact_and_inert(tmp_path, base):
 
 
 def test_config_escapes_token_fields(tmp_path, base):
-    img = str(tmp_path / "v.img")
-    shutil.copyfile(base, img)
-    hostile(img)
+    img = hostile_copy(tmp_path, base)
     r = klc("config", img)
     assert r.returncode == 0, r.stderr
     assert_inert(r.stdout)
