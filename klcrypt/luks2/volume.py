@@ -129,7 +129,8 @@ def _handle(src, write: bool, exclusive: bool, owned: list) -> DeviceHandle:
 
 
 def _detached_layout(meta: dict) -> bool:
-    seg = meta.get("segments", {}).get("0")
+    segs = meta.get("segments")
+    seg = segs.get("0") if isinstance(segs, dict) else None
     return isinstance(seg, dict) and seg.get("offset") == "0"
 
 
