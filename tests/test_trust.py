@@ -348,3 +348,32 @@ def test_open_leaves_no_key_copy_in_the_client(vol, name, tmp_path):
         p.stdin.close()
         p.wait(30)
         maputil.force_cleanup(name)
+
+
+def test_unlock_reads_keyslots_from_the_mapped_device_not_the_path(tmp_path, name):
+    """`unlock NAME` gets the daemon's own descriptor (SCM_RIGHTS, root-only socket):
+    after the path was pointed at another LUKS2 volume, the keyslots still come from
+    the mapped one (that volume's passphrase works, the other's does not)."""
+    v = maputil.make_volume(tmp_path / "a.img", 20 << 20)
+    decoy = maputil.make_volume(tmp_path / "b.img", 20 << 20)
+    decoy_pass = tmp_path / "decoy.pass"
+    decoy_pass.write_bytes(b"the decoy's passphrase")
+    subprocess.run(["cryptsetup", "luksChangeKey", "-q", "--pbkdf", "pbkdf2",
+                    "--pbkdf-force-iterations", "1000", "--key-file", decoy["passfile"],
+                    decoy["path"], str(decoy_pass)], check=True, capture_output=True)
+    link = tmp_path / "disk"
+    link.symlink_to(v["path"])
+    r = _cli("open", str(link), name, "--key-file", v["passfile"])
+    try:
+        assert r.returncode == 0, r.stderr
+        assert _cli("lock", name).returncode == 0
+        tmp = tmp_path / "disk.new"
+        tmp.symlink_to(decoy["path"])
+        os.replace(tmp, link)
+        r = _cli("unlock", name, "--key-file", str(decoy_pass))
+        assert r.returncode == ExitCode.PERMISSION, r.stdout + r.stderr
+        r = _cli("unlock", name, "--key-file", v["passfile"])
+        assert r.returncode == 0, r.stderr
+        assert api.status(name)["state"] == "active"
+    finally:
+        maputil.force_cleanup(name)
