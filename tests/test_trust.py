@@ -377,3 +377,50 @@ def test_unlock_reads_keyslots_from_the_mapped_device_not_the_path(tmp_path, nam
         assert api.status(name)["state"] == "active"
     finally:
         maputil.force_cleanup(name)
+
+
+def test_client_talks_only_to_a_root_daemon(tmp_path, name, monkeypatch):
+    """Before a request (an unlock carries the key) leaves the client: the run directory
+    is checked and the socket's peer must be root."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+    from klcrypt.mapping import protocol
+    d = Path(tempfile.mkdtemp(prefix="klcrypt-user-"))    # reachable by the user
+    os.chown(d, 65534, 65534)
+    sock = d / "sock"
+    got = d / "got"
+    server = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os, socket, sys\n"
+         "os.setgid(65534); os.setuid(65534)\n"
+         "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)\n"
+         "print('up', flush=True)\n"
+         "c, _ = s.accept(); c.settimeout(2)\n"
+         "data = b''\n"
+         "try:\n"
+         "    while True:\n"
+         "        k = c.recv(4096)\n"
+         "        if not k: break\n"
+         "        data += k\n"
+         "except OSError: pass\n"
+         "open(sys.argv[2], 'wb').write(data)\n", str(sock), str(got)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "up"
+        with pytest.raises(errors.PermissionDenied, match="not root"):
+            protocol.request(sock, {"cmd": "unlock"}, secret=bytearray(b"K" * 64))
+        server.wait(10)
+        assert got.read_bytes() == b""                 # not a byte was sent
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        shutil.rmtree(d, ignore_errors=True)
+    loose = tmp_path / "looserun"
+    loose.mkdir()
+    os.chmod(loose, 0o755)
+    monkeypatch.setenv(system.ENV_RUN_DIR, str(loose))
+    for verb in (["status", name], ["close", name], ["lock", name], ["unlock", name]):
+        r = _cli(*verb, env=dict(os.environ))
+        assert r.returncode == ExitCode.PERMISSION and "0700" in r.stderr, (verb, r.stderr)

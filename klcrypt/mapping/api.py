@@ -83,9 +83,17 @@ def states() -> list[dict]:
     return out
 
 
+def _sock(name: str):
+    """The mapping's control socket, once the run directory is known to be safe
+    (PermissionDenied otherwise: an unlock would send a key through it)."""
+    system.check_name(name)
+    system.check_run_dir()
+    return system.Paths(name).sock
+
+
 def alive(name: str) -> bool:
     try:
-        protocol.request(system.Paths(name).sock, {"cmd": "status"}, timeout=5)
+        protocol.request(_sock(name), {"cmd": "status"}, timeout=5)
         return True
     except (OSError, errors.KlcryptError):
         return False
@@ -229,18 +237,18 @@ def _read_status(fd: int, proc) -> bytes | None:
 
 
 def _request(name: str, req: dict, secret=None, timeout: float = protocol.TIMEOUT) -> dict:
-    system.check_name(name)
+    sock = _sock(name)
     try:
-        return protocol.request(system.Paths(name).sock, req, timeout=timeout, secret=secret)
+        return protocol.request(sock, req, timeout=timeout, secret=secret)
     except OSError:
         raise errors.NotActiveError(f"no active mapping '{name}'") from None
 
 
 def status(name: str) -> dict:
-    system.check_name(name)
+    sock = _sock(name)
     paths = system.Paths(name)
     try:
-        return protocol.request(paths.sock, {"cmd": "status"})["status"]
+        return protocol.request(sock, {"cmd": "status"})["status"]
     except OSError:
         pass
     if system.find_mount(paths.file) or paths.state.exists():
@@ -266,7 +274,7 @@ def device_of(name: str) -> tuple[dict, DeviceHandle]:
     reads the keyslots from the file the daemon serves, never a path re-opened."""
     st = _request(name, {"cmd": "status"})["status"]
     try:
-        resp, fd = protocol.request_fd(system.Paths(name).sock, {"cmd": "device"})
+        resp, fd = protocol.request_fd(_sock(name), {"cmd": "device"})
     except OSError:
         raise errors.NotActiveError(f"no active mapping '{name}'") from None
     try:
@@ -279,12 +287,12 @@ def device_of(name: str) -> tuple[dict, DeviceHandle]:
 def close_mapping(name: str, force: bool = False, timeout: float = 60.0) -> dict:
     """Close a mapping (waiting until its daemon has ended), or clean up after a
     dead daemon.  Raises BusyError when busy and not force."""
-    system.check_name(name)
+    sock = _sock(name)
     paths = system.Paths(name)
     st = system.read_state(paths) or {}
     pid, start = st.get("pid"), st.get("pid_start")
     try:
-        resp = protocol.request(paths.sock, {"cmd": "close", "force": force}, timeout=timeout)
+        resp = protocol.request(sock, {"cmd": "close", "force": force}, timeout=timeout)
     except OSError:
         return cleanup_dead(name)
     if not resp.get("lazy") and pid:

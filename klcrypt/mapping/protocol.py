@@ -11,6 +11,7 @@ import array
 import json
 import os
 import socket
+import struct
 
 from .. import errors
 from ..exitcodes import ExitCode
@@ -118,11 +119,22 @@ def request_fd(sock_path, req: dict, timeout: float = TIMEOUT) -> tuple[dict, in
     return resp, fds[0]
 
 
+def _check_peer(s: socket.socket) -> None:
+    """The daemon runs as root: never send a request (a key, for unlock) to a socket
+    someone else serves."""
+    creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    if uid not in (0, os.geteuid()):
+        raise errors.PermissionDenied(f"control socket served by uid {uid}, not root: "
+                                      "refusing to talk to it")
+
+
 def _exchange(sock_path, req, timeout, secret) -> tuple[dict, list[int]]:
     fds: list[int] = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
         unix_address(sock_path, s.connect)
+        _check_peer(s)
         if secret is not None:
             req = dict(req, secret_len=len(secret))
         s.sendall(encode(req))
