@@ -11,6 +11,15 @@ from luks2util import FAST_PBKDF2, write_key
 pytestmark = pytest.mark.unit
 
 
+@pytest.fixture(autouse=True)
+def _no_hardening_of_pytest(monkeypatch):
+    """cli.main runs in this process: keep pytest's own process as it is (RLIMIT_CORE 0,
+    non-dumpable and mlockall would outlive the test and reach every later child);
+    tests/test_trust.py checks the hardening in processes of their own."""
+    from klcrypt import hardening
+    monkeypatch.setattr(hardening, "harden_secret_holder", lambda: None)
+
+
 def run(capsys, *argv):
     capsys.readouterr()
     rc = cli.main(list(argv))

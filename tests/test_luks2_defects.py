@@ -14,6 +14,15 @@ pytestmark = [pytest.mark.interop,
               pytest.mark.skipif(not HAVE_CRYPTSETUP, reason="needs cryptsetup")]
 
 
+@pytest.fixture(autouse=True)
+def _no_hardening_of_pytest(monkeypatch):
+    """cli.main runs in this process: keep pytest's own process as it is (RLIMIT_CORE 0,
+    non-dumpable and mlockall would outlive the test and reach every later child);
+    tests/test_trust.py checks the hardening in processes of their own."""
+    from klcrypt import hardening
+    monkeypatch.setattr(hardening, "harden_secret_holder", lambda: None)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A cryptsetup-made volume with keyslots 0 ('pw') and 1 ('pw1')."""
