@@ -51,6 +51,8 @@ KLCRYPT_OPTIONS = {
     "threads": "--threads",
     "transport": "--transport",
 }
+# klcrypt's own flags (no value): name -> `klcrypt open` option.
+KLCRYPT_FLAGS = {"lock-before-hibernate": "--lock-before-hibernate"}
 # Options that only mean something to mount(8), fstab or systemd: never passed to
 # the inner filesystem (mount(8) already drops most of them before calling us).
 USERSPACE_OPTIONS = {"defaults", "auto", "noauto", "user", "nouser", "users", "owner",
@@ -185,6 +187,8 @@ def parse_argv(argv: list[str]) -> Request:
             if not eq:
                 raise HelperUsage(f"option {key}= needs a value")
             req.klcrypt[key] = _value(key, val)
+        elif o in KLCRYPT_FLAGS:
+            req.klcrypt[o] = None
         elif key == "name":
             name = _value(key, val)
             try:
@@ -213,7 +217,7 @@ def usage() -> str:
     return (f"usage: {PROG} DEVICE DIR [-sfnv] [-o OPTIONS] [-t klcrypt[.FSTYPE]]\n"
             'options (a value may be double-quoted: keyfile="/a,b"; none may start '
             "with '-'): keyfile=F, fstype=T, name=N, engine=E, keylocker=K, restore-mode=M, "
-            "emulated-cpu=P, lock-timeout=S, "
+            "emulated-cpu=P, lock-before-hibernate, lock-timeout=S, "
             "keyfile-size=B, keyfile-offset=B, key-slot=S, threads=N, transport=T, ro, nofail; "
             "anything else goes to the inner filesystem")
 
@@ -235,11 +239,11 @@ def open_argv(req: Request, have: set[str]) -> list[str]:
     no value and no positional can be read as an option."""
     argv = ["open", f"--mount={req.directory}"]
     for key, val in req.klcrypt.items():
-        flag = KLCRYPT_OPTIONS[key]
+        flag = KLCRYPT_OPTIONS.get(key) or KLCRYPT_FLAGS[key]
         if flag not in have:
-            raise HelperUsage(f"option {key}= is not supported by this klcrypt "
+            raise HelperUsage(f"option {key} is not supported by this klcrypt "
                               f"(klcrypt open has no {flag})")
-        argv.append(f"{flag}={val}")
+        argv.append(flag if val is None else f"{flag}={val}")
     if req.read_only:
         argv.append("--read-only")
     if req.fs_options:

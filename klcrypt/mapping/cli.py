@@ -44,6 +44,9 @@ def add_mapping_arguments(p) -> None:
                    help="with --keylocker emulated: the Key Locker features the emulated CPU "
                         f"enumerates ({'|'.join(PROFILES)}; default full; see "
                         "klcrypt-restore-modes(7))")
+    g.add_argument("--lock-before-hibernate", action="store_true",
+                   help="lock the mapping (drop its key or handles) before any sleep that "
+                        "may be a hibernation, so the image on disk holds no usable key")
     g.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
                    help="how long I/O waits on a locked mapping before failing with EIO "
                         f"(default {LOCK_TIMEOUT_MS // 1000})")
@@ -68,12 +71,19 @@ def options_from_args(args, default_engine: str | None = None) -> api.MapOptions
         given["restore_mode"] = args.restore_mode
     if args.emulated_cpu:
         given["emulated_cpu"] = args.emulated_cpu
+    if args.lock_before_hibernate:
+        given["lock_before_hibernate"] = True
     return api.MapOptions(
         name=args.name, read_only=args.read_only, allow_other=args.allow_other,
         engine=args.engine or default_engine or "auto", keylocker=args.keylocker,
         foreground=args.foreground, mount_dir=args.mount_dir, fstype=args.fstype,
         mount_options=args.mount_options, direct_io=not args.page_cache,
         transport=args.transport, verbose=bool(getattr(args, "verbose", False)), **given)
+
+
+def _clock(t) -> str:
+    import time
+    return time.strftime("%H:%M:%S", time.localtime(t)) if t else "?"
 
 
 def _lock_timeout_ms(seconds: float) -> int:
@@ -132,12 +142,26 @@ def format_status(st: dict) -> str:
         if r.get("state") == "locked":
             lines.insert(7, f"  locked:      {r.get('locked_reason')}; run 'klcrypt unlock "
                             f"{st['name']}'")
-        if r.get("mode"):
-            surv = ("survive" if r.get("survives_s3") and r.get("survives_s4") else
-                    "die on S4" if r.get("survives_s3") else "die")
+        plat = r.get("platform") or {}
+        if r.get("mode") or plat.get("platform") == "hardware":
+            if plat.get("platform") == "hardware":
+                surv = plat.get("survival") or "unknown"
+            elif r.get("survives_s3") is None:
+                surv = "as the (simulated) host decides; only the host knows on a real guest"
+            else:
+                surv = ("handles survive S3/S4" if r.get("survives_s3") and r.get("survives_s4")
+                        else "handles die on S4" if r.get("survives_s3")
+                        else "handles die on S3/S4")
             watch = "logind" if (r.get("sleep_watch") or {}).get("logind") else "clock jump"
-            lines.insert(7, f"  after sleep: handles {surv}; verified after every resume "
-                            f"(sleep watch: {watch})")
+            lines.insert(7, f"  after sleep: {surv}; verified on every CPU after every "
+                            f"resume (sleep watch: {watch})")
+            chk = r.get("check") or {}
+            if chk.get("provenance"):
+                lines.insert(8, f"  iwkey:       {chk['provenance']} (checked "
+                                f"{len(chk.get('cpus') or {})} CPUs at "
+                                f"{_clock(chk.get('checked_at'))})")
+            if plat.get("profile"):
+                lines.insert(8, f"  cpu profile: {plat['profile']} (emulated)")
             if r.get("verifiable") is False:
                 lines.insert(8, "  verifiable:  no — the mode cannot be checked from inside")
     return "\n".join(lines)

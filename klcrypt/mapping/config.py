@@ -53,6 +53,7 @@ class MapOptions:
     restore_mode_token: str | None = None   # the volume's klcrypt token default
     emulated_cpu: str | None = None  # --keylocker emulated: klcrypt.keylocker.model.PROFILES
     transport: str = "auto"          # klcrypt.mapping.transport.CHOICES: auto, uring, dev
+    lock_before_hibernate: bool = False     # drop the key (lock) before a possible S4
     verbose: bool = False
 
 

@@ -20,15 +20,17 @@ import time
 import trio
 
 from .. import errors
+from . import checks, sleepstate
 from . import modes as M
-from .platform import EmulatedPlatform, HardwarePlatform
+from .platform import STATES, EmulatedPlatform, HardwarePlatform
 from .sleepwatch import ClockJump, LogindWatch, watch_clock
 
 log = logging.getLogger(__name__)
 
 PLANE_POLL = 0.2            # s between looks at the plane's key_failed/locked flags
 LOGIND_GRACE = 10.0         # s after a logind resume during which a clock jump is its echo
-SLEEP_STATE_REAL = "s3"     # what a real suspend is to the emulated CPU (logind does not say)
+SLEEP_STATE_REAL = "s3"     # a real sleep /sys/power cannot name, to the emulated CPU
+MODEL_STATE = {"s2idle": "s2idle", "s1": "s3", "s3": "s3", "s4": "s4"}   # S1: treated as S3
 
 
 class _NoPlatform:
@@ -79,7 +81,7 @@ class Guard:
     def __init__(self, *, keylocker: str = "auto", engine: str = "auto",
                  restore_mode: str = M.AUTO, token_default: str | None = None,
                  read_only: bool = False, bus_address: str | None = None,
-                 emulated_cpu: str | None = None):
+                 emulated_cpu: str | None = None, lock_before_hibernate: bool = False):
         self.keylocker = keylocker
         self.emulated_cpu = emulated_cpu     # --keylocker emulated: the CPU profile
         self.engine_requested = engine
@@ -105,6 +107,11 @@ class Guard:
         self._kat = None             # (plaintext, tweak, ciphertext): proves a re-derived key
         self._mu = None              # trio.Lock, made in run()
         self.clock = None            # a ClockJump to use (tests inject a fake clock)
+        self.lock_before_hibernate = lock_before_hibernate
+        self.power_root = sleepstate.SYS_POWER   # /sys/power (tests point it elsewhere)
+        self._power_before = None    # /sys/power snapshot taken before the last sleep
+        self.coming = None           # what the last sleep was expected to be
+        self.check = None            # the last checks.every_cpu result
 
     # ---- setup (before the trio loop) ----------------------------------------
     def provision(self, key: bytearray) -> None:
@@ -138,6 +145,7 @@ class Guard:
         finally:
             key[:] = bytes(len(key))
         self._kat = self._make_kat(self._prov.xts)
+        self._check_every_cpu_or_refuse("open")
 
     def lend(self):
         """The live context for the data plane to borrow (it gets it back through
@@ -164,6 +172,15 @@ class Guard:
             return "locked"
         return self.state
 
+    def _check_every_cpu_or_refuse(self, when: str) -> None:
+        """The handles and the IWKEY on every online CPU (checks.every_cpu); a failure
+        refuses with exit 11 after wiping the handles."""
+        self.check = checks.every_cpu(self._prov, self.platform)
+        if not self.check["ok"]:
+            self._prov.close()
+            self._prov = None
+            raise errors.KeyLockerError(f"{when}: {self.check['why']}; nothing is served")
+
     @staticmethod
     def _make_kat(xts):
         pt = os.urandom(512)
@@ -189,6 +206,9 @@ class Guard:
                "counts": dict(self.counts),
                "last_resume": self.last,
                "sleep_watch": (self.logind.state() if self.logind else {"logind": False}),
+               "check": self.check,
+               "coming_sleep": self.coming,
+               "lock_before_hibernate": self.lock_before_hibernate,
                "platform": self.platform.describe() if self.platform else None}
         if m:
             out.update(survives_s3=m.survives_s3, survives_s4=m.survives_s4,
@@ -264,18 +284,48 @@ class Guard:
         self.locked_reason = why
         log.warning("mapping locked: %s; run 'klcrypt unlock'", why)
 
-    async def before_sleep(self, source: str) -> None:
+    def _coming_sleep(self, state: str | None) -> dict:
+        """What the coming sleep is: known (simulated) or what /sys/power says."""
+        if state is not None:
+            return {"state": state, "may_lose_iwkey": state != "s2idle",
+                    "may_hibernate": state == "s4", "text": f"{state} (simulated)"}
+        self._power_before = sleepstate.read(self.power_root)
+        e = sleepstate.expect(self._power_before)
+        return {"state": None, "may_lose_iwkey": e["suspend"] != "s2idle" or e["may_hibernate"],
+                "may_hibernate": e["may_hibernate"], "text": e["text"]}
+
+    def _drop_before_sleep_reason(self, coming: dict) -> str | None:
+        """Why the key must go before this sleep (None: keep it)."""
+        if self.lock_before_hibernate and coming["may_hibernate"]:
+            return ("locked before a sleep that may be a hibernation (--lock-before-hibernate: "
+                    "the image would hold the key); coming: " + coming["text"])
+        if (self.mode and self.mode.name == "native_kernel_key_norestore"
+                and coming["may_lose_iwkey"]):
+            return ("handles dropped before sleep (native_kernel_key_norestore); coming: "
+                    + coming["text"])
+        return None
+
+    async def before_sleep(self, source: str, state: str | None = None) -> None:
         async with self._mu:
             if self.state == "locked":
                 return
             self.counts["sleeps"] += 1
+            self.coming = self._coming_sleep(state)
             await self._flush()
             self.state = "sleeping"
-            if self.mode and self.mode.name == "native_kernel_key_norestore":
+            why = self._drop_before_sleep_reason(self.coming)
+            if why:
                 await self._take_ctx()
                 self._drop()
-                self.locked_reason = "handles dropped before sleep (native_kernel_key_norestore)"
-            log.info("ready to sleep (%s)", source)
+                self.locked_reason = why
+            log.info("ready to sleep (%s): %s", source, self.coming["text"])
+
+    def _sleep_that_happened(self, state: str | None) -> str | None:
+        """The state of the sleep just ended: given, or what /sys/power shows."""
+        before, self._power_before = self._power_before, None    # one snapshot, one sleep
+        if state is not None:
+            return state
+        return sleepstate.happened(before, sleepstate.read(self.power_root))
 
     async def after_resume(self, source: str, state: str | None = None, slept=None) -> dict:
         async with self._mu:
@@ -289,10 +339,13 @@ class Guard:
             self._logind_resumed_at = time.monotonic()
         real_sleep = source in ("simulate", "logind", "clock")
         ctx = None
+        if real_sleep:
+            state = self._sleep_that_happened(state)
+            ev["sleep_state"] = state or "unknown"
         if isinstance(self.platform, EmulatedPlatform) and real_sleep:
             # The emulated CPU sleeps too.  Tasks are frozen across a real suspend:
             # park the requests around the power event the same way.
-            state = state or SLEEP_STATE_REAL
+            state = MODEL_STATE.get(state or "", SLEEP_STATE_REAL)
             self.frozen = True
             try:
                 ctx = await self._take_ctx()
@@ -309,8 +362,11 @@ class Guard:
                     self._set_locked(self.locked_reason or "handles were dropped")
                 ev["handles"] = "dropped"
             else:
-                ok = await trio.to_thread.run_sync(self._prov.verify)
-                ev["handles"] = "valid" if ok else "dead"
+                chk = await trio.to_thread.run_sync(checks.every_cpu, self._prov, self.platform)
+                self.check = chk
+                ok = chk["ok"]
+                ev.update(handles="valid" if ok else "dead", cpus=chk["cpus"],
+                          provenance=chk["provenance"], mode=chk["mode"])
                 if ok:
                     self.counts["verified"] += 1
                     if self.plane is not None and (ctx is not None or self.plane.stats()["locked"]):
@@ -322,8 +378,8 @@ class Guard:
                     if ctx is None:
                         await self._take_ctx()
                     self._drop()
-                    self._set_locked(f"the Key Locker handles failed the known-answer check "
-                                     f"after resume ({source}): the IWKEY changed")
+                    self._set_locked(f"the Key Locker check failed after resume ({source}): "
+                                     f"{chk['why']}")
         finally:
             self.frozen = False
         ev["state"] = self.state
@@ -354,8 +410,11 @@ class Guard:
                 self._check_key(key)
                 self.platform.ensure()
                 await trio.to_thread.run_sync(self._prov.reprovision, key)
-                if not await trio.to_thread.run_sync(self._prov.verify):
-                    raise errors.KeyLockerError("unlock: the new handles failed their check")
+                chk = await trio.to_thread.run_sync(checks.every_cpu, self._prov, self.platform)
+                self.check = chk
+                if not chk["ok"]:
+                    self._prov.xts.close()          # never serve handles that failed a CPU
+                    raise errors.KeyLockerError(f"unlock: {chk['why']}; the mapping stays locked")
                 if self.plane is not None:
                     self.plane.unlock(self._prov.xts)
                 self.dropped = False
@@ -365,7 +424,8 @@ class Guard:
                 self.counts["unlocks"] += 1
                 log.info("unlocked after %.1f s", waited)
                 return {"unlocked": True, "locked_for_s": waited,
-                        "provenance": (self._prov.info.get("provenance") or {}).get("keysource_name")}
+                        "provenance": chk["provenance"], "mode": chk["mode"],
+                        "reason": getattr(self.platform, "reason", ""), "cpus": chk["cpus"]}
         finally:
             key[:] = bytes(len(key))
 
@@ -379,9 +439,9 @@ class Guard:
     async def simulate_sleep(self, state: str) -> dict:
         if not isinstance(self.platform, EmulatedPlatform):
             self.platform.simulate(state)        # raises with the reason
-        if state not in ("s3", "s4"):
-            raise errors.UsageError(f"unknown sleep state '{state}' (s3 or s4)")
-        await self.before_sleep("simulate")
+        if state not in STATES:
+            raise errors.UsageError(f"unknown sleep state '{state}' ({', '.join(STATES)})")
+        await self.before_sleep("simulate", state)
         ev = await self.after_resume("simulate", state)
         return {"resume": ev, "restore": self.status()}
 

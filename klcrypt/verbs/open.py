@@ -101,7 +101,8 @@ def _open_mapping(args, vol) -> int:
     finally:
         wipe(key)
     restore = (st or {}).get("restore") or {}
-    if restore.get("mode"):
-        print(f"klcrypt: {opts.name}: restore mode {escape(restore['mode'])}: "
+    if restore.get("mode") or (restore.get("platform") or {}).get("platform") == "hardware":
+        mode = restore.get("mode") or "none proven"
+        print(f"klcrypt: {opts.name}: restore mode {escape(mode)}: "
               f"{escape(restore.get('reason'))}", file=sys.stderr)
     return 0

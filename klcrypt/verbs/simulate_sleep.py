@@ -1,5 +1,5 @@
-"""`klcrypt simulate-sleep NAME --state s3|s4`: a whole suspend/resume cycle on the
-emulated Key Locker platform, through the code a real sleep takes."""
+"""`klcrypt simulate-sleep NAME --state s2idle|s3|s4`: a whole suspend/resume cycle on
+the emulated Key Locker platform, through the code a real sleep takes."""
 import json
 
 from ..mapping import api
@@ -7,8 +7,9 @@ from ..mapping import api
 
 def add_arguments(p):
     p.add_argument("name", metavar="NAME", help="mapping name")
-    p.add_argument("--state", choices=("s3", "s4"), required=True,
-                   help="s3 = suspend to RAM, s4 = hibernate (both lose the IWKEY)")
+    p.add_argument("--state", choices=("s2idle", "s3", "s4"), required=True,
+                   help="s2idle = suspend to idle (the IWKEY stays), s3 = suspend to RAM, "
+                        "s4 = hibernate (both lose the IWKEY)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

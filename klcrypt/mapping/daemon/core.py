@@ -150,7 +150,8 @@ class Daemon:
         o = self.opts
         keeper = Guard(keylocker=o.keylocker, engine=o.engine, restore_mode=o.restore_mode,
                        token_default=o.restore_mode_token, read_only=o.read_only,
-                       bus_address=self.cfg.bus_address, emulated_cpu=o.emulated_cpu)
+                       bus_address=self.cfg.bus_address, emulated_cpu=o.emulated_cpu,
+                       lock_before_hibernate=o.lock_before_hibernate)
         key, self._key = self._key, None
         try:
             keeper.provision(key)
