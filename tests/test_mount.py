@@ -469,3 +469,14 @@ def test_spec_that_starts_with_dashes_is_a_device(tmp_path, ext4_volume, helper_
     r = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert _wait_gone(st, img, mountpoint) == []
+
+
+@pytest.mark.unit
+def test_emulated_cpu_and_lock_before_hibernate_options():
+    r = mh.parse_argv(["dev", "/d", "-o",
+                       "keylocker=emulated,emulated-cpu=basic,lock-before-hibernate,noatime"])
+    assert r.klcrypt == {"keylocker": "emulated", "emulated-cpu": "basic",
+                         "lock-before-hibernate": None}
+    have = mh._open_options()
+    assert mh.open_argv(r, have)[:5] == ["open", "--mount=/d", "--keylocker=emulated",
+                                         "--emulated-cpu=basic", "--lock-before-hibernate"]

@@ -106,8 +106,8 @@ def emulated_survives(mode: str, state: str, profile: str = "full") -> bool:
     return True
 
 
-def _cycle_while_fio(vol, name, mode, state):
-    cpu = "guest" if M.MODES[mode].paravirt else "full"
+def _cycle_while_fio(vol, name, mode, state, cpu=None):
+    cpu = cpu or ("guest" if M.MODES[mode].paravirt else "full")
     open_detached(vol, name, keylocker="emulated", restore_mode=mode, lock_timeout_ms=60000,
                   emulated_cpu=cpu)
     st = api.status(name)
@@ -146,10 +146,17 @@ def _cycle_while_fio(vol, name, mode, state):
             fio.wait()
 
 
-@pytest.mark.parametrize("state", ["s3", "s4"])
-@pytest.mark.parametrize("mode", M.MODE_NAMES)
-def test_mode_sleep_cycle_under_fio(vol, name, mode, state):
-    _cycle_while_fio(vol, name, mode, state)
+FIO_CYCLES = [(None, m, s) for m in M.MODE_NAMES for s in ("s3", "s4")] + [
+    ("basic", "native_kernel_key_norestore", "s2idle"),   # kept: no drop, no lock
+    ("basic", "native_kernel_key_norestore", "s3"),
+    ("no-random", "native_kernel_key_backup", "s4"),
+    ("minimal", "native_kernel_key_remember", "s3"),
+]
+
+
+@pytest.mark.parametrize("cpu, mode, state", FIO_CYCLES)
+def test_mode_sleep_cycle_under_fio(vol, name, cpu, mode, state):
+    _cycle_while_fio(vol, name, mode, state, cpu)
     maputil.force_cleanup(name)
     # the data on disk is what fio wrote: reopen and verify every block again
     open_detached(vol, name, keylocker="off")

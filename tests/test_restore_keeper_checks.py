@@ -14,6 +14,7 @@ from klcrypt.keylocker import model
 from klcrypt.restore import sleepwatch
 from klcrypt.restore.guard import Guard
 
+from test_restore_modes import hw  # noqa: F401 (the fixture)
 from test_restore_sleepstate import fake_power
 
 pytestmark = pytest.mark.unit
@@ -26,19 +27,6 @@ def no_bus(tmp_path, monkeypatch):
     monkeypatch.setenv(sleepwatch.ENV_TEST_BUS, f"unix:path={tmp_path}/no-bus")
     yield
     model.reset()
-
-
-@pytest.fixture
-def hw(monkeypatch):
-    from _klhelp import as_hardware
-    used = []
-
-    def make(profile="full"):
-        as_hardware(monkeypatch, profile)
-        used.append(1)
-    yield make
-    if used:
-        model.uninstall_trap()
 
 
 def run(guard, body):

@@ -3,7 +3,6 @@ end: a mapping served by its daemon per (profile, mode), a simulated s2idle / s3
 cycle each (milliseconds), unlock where the handles died, the data intact after each;
 and the operator's path from the CLI on the `basic` profile."""
 import os
-import shutil
 
 import pytest
 
@@ -13,10 +12,10 @@ from klcrypt.mapping import api, system
 from klcrypt.restore import client
 from klcrypt.restore import modes as M
 from test_restore_e2e import cli, emulated_survives, open_detached
+from test_restore_e2e import vol, vol_template  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.fuse
 
-VOL_SIZE = 20 << 20
 STATES = ("s2idle", "s3", "s4")
 
 
@@ -28,18 +27,6 @@ def supported(profile: str, mode: str) -> bool:
 
 
 COMBOS = [(p, m) for p in PROFILES for m in M.MODE_NAMES if supported(p, m)]
-
-
-@pytest.fixture(scope="module")
-def vol_template(tmp_path_factory):
-    return maputil.make_volume(tmp_path_factory.mktemp("profiles") / "tmpl.img", VOL_SIZE)
-
-
-@pytest.fixture
-def vol(vol_template, tmp_path):
-    path = tmp_path / "vol.img"
-    shutil.copyfile(vol_template["path"], path)
-    return dict(vol_template, path=str(path))
 
 
 def test_the_table_is_complete():
