@@ -48,7 +48,7 @@ def test_hardware_unlock_under_zero_iwkey_stays_locked(hw):
     the resume check locks, and unlock refuses with exit 11 instead of wrapping."""
     hw("basic")
     model.load_random_iwkey()                          # the kernel at boot
-    g = Guard({"keylocker": "hardware", "restore_mode": "auto"})
+    g = Guard(keylocker="hardware", restore_mode="auto")
     g.provision(bytearray(KEY))
     assert g.status()["mode"] is None                  # KeySource 0: nothing proven
 
@@ -72,7 +72,7 @@ def test_hardware_provenance_is_rechecked_after_resume_and_unlock(hw):
     hw("full")
     model.load_random_iwkey(keysource=1)
     model.backup()
-    g = Guard({"keylocker": "hardware", "restore_mode": "auto"})
+    g = Guard(keylocker="hardware", restore_mode="auto")
     g.provision(bytearray(KEY))
     st = g.status()
     assert st["mode"] == "native_random_key" and "unknown" in st["reason"]
@@ -99,8 +99,7 @@ def test_hardware_provenance_is_rechecked_after_resume_and_unlock(hw):
 def test_restore_failing_on_one_cpu_locks_and_names_it():
     """Problem 6: the post-resume check runs on every CPU."""
     model.reset()
-    g = Guard({"keylocker": "emulated", "engine": "klemu",
-               "restore_mode": "native_random_key"})
+    g = Guard(keylocker="emulated", engine="klemu", restore_mode="native_random_key")
     g.provision(bytearray(KEY))
     bad = sorted(os.sched_getaffinity(0))[-1]
 
@@ -125,8 +124,8 @@ def test_logind_sleep_state_from_sys_power(tmp_path, mem_sleep, disk, lbh, want_
     model.reset()
     root = fake_power(tmp_path, state="freeze mem" + (" disk" if disk else ""),
                       mem_sleep=mem_sleep, disk=disk, success=5)
-    g = Guard({"keylocker": "emulated", "engine": "klemu", "emulated_cpu": "basic",
-               "restore_mode": "auto", "lock_before_hibernate": lbh})
+    g = Guard(keylocker="emulated", engine="klemu", emulated_cpu="basic",
+              restore_mode="auto", lock_before_hibernate=lbh)
     g.power_root = root
     g.provision(bytearray(KEY))
     assert g.mode.name == "native_kernel_key_norestore"
@@ -147,9 +146,8 @@ def test_lock_before_hibernate(tmp_path, keylocker):
     """With --lock-before-hibernate the key (raw, or the handles) is dropped before a
     sleep that may be a hibernation; a simulated s3 keeps it, a simulated s4 does not."""
     model.reset()
-    cfg = {"keylocker": keylocker, "lock_before_hibernate": True,
-           "restore_mode": "native_random_key" if keylocker == "emulated" else None}
-    g = Guard(cfg)
+    g = Guard(keylocker=keylocker, lock_before_hibernate=True,
+              restore_mode="native_random_key" if keylocker == "emulated" else None)
     g.power_root = fake_power(tmp_path, state="freeze mem disk", mem_sleep="[s2idle]")
     g.provision(bytearray(KEY))
 

@@ -9,7 +9,6 @@ import pytest
 import maputil
 from klcrypt.keylocker.model import PROFILES
 from klcrypt.mapping import api, system
-from klcrypt.restore import client
 from klcrypt.restore import modes as M
 from test_restore_e2e import cli, emulated_survives, open_detached
 from test_restore_e2e import vol, vol_template  # noqa: F401 (fixtures)
@@ -51,7 +50,7 @@ def test_mode_on_profile_through_every_state(vol, name, profile, mode):
                 f.seek(i * 4096)
                 f.write(data)
             written[i] = data
-            ev = client.simulate_sleep(name, state)["resume"]
+            ev = api.simulate_sleep(name, state)["resume"]
             want = emulated_survives(mode, state, profile)
             assert ev["sleep_state"] == state, ev
             if want:
@@ -59,7 +58,7 @@ def test_mode_on_profile_through_every_state(vol, name, profile, mode):
                 assert all(s == "valid" for s in ev["cpus"].values()), ev
             else:
                 assert ev["state"] == "locked" and ev["handles"] in ("dead", "dropped"), ev
-                r = client.unlock(name, bytearray(vol["key"]))
+                r = api.unlock(name, bytearray(vol["key"]))
                 assert r["unlocked"] and r["mode"] == mode, r
             assert api.status(name)["state"] == "active"
             with open(path, "rb") as f:
@@ -92,6 +91,7 @@ def test_cli_basic_profile_auto_s3_locks_s2idle_stays(vol, name):
         assert "locked" in cli("status", name).stdout
         r = cli("unlock", name, "--key-file", vol["passfile"])
         assert r.returncode == 0, r.stderr
+        assert "restore mode native_kernel_key_norestore: auto:" in r.stdout   # re-reported
         with open(path, "rb") as f:
             assert f.read(8192) == data
         r = cli("simulate-sleep", name, "--state", "s2idle")

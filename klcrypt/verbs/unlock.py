@@ -35,4 +35,6 @@ def run(args) -> int:
         wipe(key)
     print(f"{args.name}: unlocked (was locked {r.get('locked_for_s', 0)} s); "
           f"handles: {r.get('provenance') or 'raw key'}")
+    if r.get("provenance"):              # the evidence was read again: say what it shows now
+        print(f"{args.name}: restore mode {r.get('mode') or 'none proven'}: {r.get('reason')}")
     return 0
