@@ -49,6 +49,12 @@ const struct klc_cpu *klc_cpu(void)
     return &cpu;
 }
 
+void klc_cpu_trap_vaes(void)
+{
+    klc_cpu();
+    cpu.vaes = cpu.vpclmulqdq = cpu.ymm_os;
+}
+
 unsigned klc_cpu_flags(void)
 {
     const struct klc_cpu *c = klc_cpu();

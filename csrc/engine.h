@@ -62,6 +62,9 @@ struct klc_cpu {
     int kl, aeskle, widekl, hypervisor;
 };
 const struct klc_cpu *klc_cpu(void);
+/* Tests only (vaes_trap.c, once its SIGILL handler executes them): report
+ * VAES and VPCLMULQDQ as present from now on. */
+void klc_cpu_trap_vaes(void);
 
 /* Multiply a 128-bit XTS tweak (little-endian bytes) by x in GF(2^128). */
 static inline void klc_gf_double(uint8_t t[16])

@@ -103,6 +103,15 @@ int klc_xts_bench(klc_xts *ctx, int encrypt, uint8_t *buf, size_t len,
 /* Bitmask of KLC_CPU_* found on this CPU. */
 unsigned klc_cpu_flags(void);
 
+/* Tests only (vaes_trap.c): on a CPU with AVX-512F and AES-NI but without
+ * VAES/VPCLMULQDQ, install a SIGILL handler that executes those instructions
+ * (EVEX and VEX forms) lane by lane, and report them present from then on, so
+ * the vaes512 and vaes engines run as compiled, thousands of times slower.
+ * For a throwaway test process only.  KLC_ERR_UNSUPPORTED if the CPU has
+ * them already or lacks what the handler needs. */
+int klc_vaestrap_install(void);
+uint64_t klc_vaestrap_count(void);       /* instructions the handler executed */
+
 /* ---- the thread pool used to split large calls --------------------------- */
 int klc_pool_threads(void);              /* worker count incl. the caller */
 size_t klc_pool_split_min(void);         /* bytes below which a call is not split */

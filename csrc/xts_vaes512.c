@@ -32,15 +32,22 @@
  * Decryption: the equivalent inverse cipher (VAESDEC, AESIMC'ed schedule).
  *
  * VERIFIED WHERE: this file was written on an Intel Xeon (Cascade Lake) that
- * has AVX-512F/BW/VL but NO VAES and NO VPCLMULQDQ.  There only `vaes512emu`
- * could run: the same source, in which the five VAES/VPCLMULQDQ operations
- * (aesenc4, aesenclast4, aesdec4, aesdeclast4, clmul4_lo_hi below) are done
- * lane by lane with AES-NI/PCLMULQDQ on xmm; everything else — loads, stores,
- * the loop structure, the tweak arithmetic's shifts and XORs, the key layout —
- * is the code the real engine runs.  vaes512emu passes the whole correctness
- * matrix (tests/test_engines.py).  The real instruction path was compiled and
- * its disassembly read, but has NOT been executed by its author; on a CPU
- * with the instructions the same matrix runs against it, and every process
+ * has AVX-512F/BW/VL but NO VAES and NO VPCLMULQDQ, so nothing here ran on
+ * hardware that has the instructions.  Two stand-ins ran instead, both
+ * through the whole self-test and a test matrix against the `cryptography`
+ * oracle (tests/test_engines.py):
+ *  - `vaes512emu`: this source built again (xts_vaes512emu.c) with the five
+ *    VAES/VPCLMULQDQ operations (aesenc4, aesenclast4, aesdec4, aesdeclast4,
+ *    clmul4_hi_lo below) done lane by lane with AES-NI/PCLMULQDQ; everything
+ *    else — loads, stores, loop structure, tweak shifts and XORs, key layout
+ *    — is the engine's own code.  Full matrix.
+ *  - the real `vaes512` binary, byte for byte as compiled, with each VAES and
+ *    VPCLMULQDQ instruction executed by a SIGILL handler (vaes_trap.c) on
+ *    the signal frame's zmm state: this checks the encodings, operand order
+ *    and per-lane semantics the compiler emitted, as the SDM describes them.
+ *    ~15 us per instruction, so a reduced matrix.
+ * What neither can show: the silicon's behaviour and the speed.  On a CPU
+ * with the instructions the full matrix runs natively, and every process
  * runs a known-answer self-test (xts_select.c) before it first uses it.
  *
  * Speed:      NOT MEASURED (no CPU with VAES on zmm was available).  Expected

@@ -537,3 +537,65 @@ def test_auto_takes_vaes512_only_when_measured_faster():
                     f"{', '.join(missing_features('vaes512')) or 'nothing'})")
     assert ratio is not None and ratio > 0
     assert best_engine() == ("vaes512" if ratio >= 1.05 else "vaes")
+
+
+# ---- the real VAES code paths on a CPU without VAES: trap emulation ------------------
+
+TRAP_PROBE = r"""
+import os, random, sys
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from klcrypt.native import lib
+from klcrypt.xts import XTS, available_engines
+sys.path.insert(0, sys.argv[1])
+from test_engines import VECTORS, oracle
+assert lib.klc_vaestrap_install() == lib.KLC_OK
+rnd = random.Random(512)
+for engine in ("vaes512", "vaes"):
+    before = lib.klc_vaestrap_count()
+    with XTS(os.urandom(64), engine):
+        pass                                   # the self-test ran (IEEE + openssl)
+    for v in VECTORS:                          # IEEE 1619, padded to a 512-byte sector
+        if len(v["ptx"]) != 512:
+            continue
+        with XTS(v["key"], engine) as x:
+            assert bytes(x.encrypt(v["ptx"], 512, v["dsn"], threads=1)) == v["ctx"], v["n"]
+            assert bytes(x.decrypt(v["ctx"], 512, v["dsn"], threads=1)) == v["ptx"], v["n"]
+    for key_len in (32, 64):
+        key = rnd.randbytes(key_len)
+        with XTS(key, engine) as x:
+            for sector, nsec, tweak in ((512, 1, 7), (512, 5, (1 << 64) - 3),
+                                        (512, 33, rnd.getrandbits(64)), (1024, 3, 1 << 63),
+                                        (4096, 1, (1 << 64) - 1), (4096, 3, (1 << 64) - 9)):
+                plain = rnd.randbytes(sector * nsec)
+                want = oracle(key, plain, sector, tweak)
+                buf = bytearray(len(plain) + 1)
+                src = memoryview(buf)[1:]              # misaligned
+                src[:] = plain
+                out = bytearray(len(plain))
+                x.encrypt(src, sector, tweak, threads=1, out=out)     # out of place
+                assert bytes(out) == want, (key_len, sector, nsec)
+                x.decrypt(out, sector, tweak, threads=0, out=out)     # in place, pool split
+                assert bytes(out) == plain, (key_len, sector, nsec)
+    assert lib.klc_vaestrap_count() - before > 10000, engine    # the real instructions ran
+    assert engine in available_engines()
+print("ok")
+"""
+
+
+def test_real_vaes_paths_under_trap_emulation():
+    """On AVX-512 CPUs without VAES/VPCLMULQDQ (this one), a SIGILL handler
+    (csrc/vaes_trap.c) executes those instructions, so the unmodified vaes512
+    (EVEX, zmm) and vaes (VEX, ymm) engines run byte for byte as compiled: the
+    self-test, IEEE 1619 vectors and a small oracle matrix, in a child process."""
+    import subprocess
+    from klcrypt.xts import cpu_features
+    f = cpu_features()
+    if f["vaes"] and f["vpclmulqdq"]:
+        pytest.skip("the CPU has VAES and VPCLMULQDQ: the engines run natively above")
+    need = [n for n in ("aes", "pclmulqdq", "avx512f", "avx512bw", "avx512vl", "zmm_os")
+            if not f[n]]
+    if need:
+        pytest.skip(f"the trap needs {', '.join(need)}")
+    r = subprocess.run([sys.executable, "-c", TRAP_PROBE, str(Path(__file__).parent)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
