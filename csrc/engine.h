@@ -49,6 +49,15 @@ const struct klc_engine_ops *klc_engine_ops_get(int id);
 void klc_aesni_expand_key(const uint8_t *key, size_t key_bytes, uint8_t *enc_out,
                           uint8_t *dec_out);
 
+/* The key setup of the wide engines (vaes, vaes512): from an XTS key
+ * (key_len 32 or 64) the data key's encryption and equivalent-inverse
+ * schedules and the tweak key's encryption schedule, each round key repeated
+ * in `lanes` consecutive 16-byte lanes (2: ymm, 4: zmm), into enc1, dec1,
+ * enc2 (15 * 16 * lanes bytes each).  tmp: scratch in the caller's secure
+ * memory (no schedule ever sits elsewhere), wiped.  Returns 10 or 14. */
+int klc_aesni_expand_xts(const uint8_t *key, size_t key_len, int lanes, uint8_t *enc1,
+                         uint8_t *dec1, uint8_t *enc2, uint8_t tmp[2][15 * 16]);
+
 /* Run ctx->ops->crypt over nsec sectors, split across the thread pool
  * (pool.c); max_threads as in klc_xts_crypt.  Returns the first error. */
 int klc_pool_crypt(const struct klc_xts *ctx, int encrypt, uint8_t *dst,

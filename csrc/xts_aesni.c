@@ -119,6 +119,26 @@ void klc_aesni_expand_key(const uint8_t *key, size_t key_bytes, uint8_t *enc_out
     klc_wipe(rk, sizeof rk);
 }
 
+/* Wide engines' key setup (engine.h): expand in the caller's secure scratch,
+ * then repeat each round key in every lane.  Not hot: plain copies. */
+int klc_aesni_expand_xts(const uint8_t *key, size_t key_len, int lanes, uint8_t *enc1,
+                         uint8_t *dec1, uint8_t *enc2, uint8_t tmp[2][15 * 16])
+{
+    size_t half = key_len / 2;
+    int rounds = half == 16 ? 10 : 14;
+    uint8_t *out[3] = {enc1, dec1, enc2};
+    for (int s = 0; s < 3; s++) {
+        if (s != 1)
+            klc_aesni_expand_key(key + (s == 2 ? half : 0), half, tmp[0], s == 0 ? tmp[1] : NULL);
+        const uint8_t *sched = s == 1 ? tmp[1] : tmp[0];
+        for (int r = 0; r <= rounds; r++)
+            for (int l = 0; l < lanes; l++)
+                memcpy(out[s] + 16 * (lanes * r + l), sched + 16 * r, 16);
+    }
+    klc_wipe(tmp, 2 * 15 * 16);
+    return rounds;
+}
+
 /* ---- tweak arithmetic ---------------------------------------------------- */
 
 /* t * x^k in GF(2^128) mod x^128 + x^7 + x^2 + x + 1, for 1 <= k <= 56, on

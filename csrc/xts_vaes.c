@@ -220,12 +220,6 @@ static int vaes_available(void)
 
 static size_t vaes_priv_size(size_t key_len) { return sizeof(struct vaes_keys) + 64; }
 
-VAES_TARGET static void broadcast_keys(__m256i *dst, const uint8_t *src, int n)
-{
-    for (int i = 0; i < n; i++)
-        dst[i] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(src + 16 * i)));
-}
-
 static int vaes_init(struct klc_xts *ctx, const uint8_t *key, size_t key_len)
 {
     if (!vaes_available())
@@ -233,17 +227,8 @@ static int vaes_init(struct klc_xts *ctx, const uint8_t *key, size_t key_len)
     if (key_len != 32 && key_len != 64)
         return KLC_ERR_ARG;
     struct vaes_keys *ks = keys_of(ctx->priv);
-    size_t half = key_len / 2;
-    int rounds = half == 16 ? 10 : 14;
-    /* expand in priv's own scratch, then broadcast: no key schedule ever
-     * sits outside ctx->priv */
-    klc_aesni_expand_key(key, half, ks->tmp[0], ks->tmp[1]);
-    broadcast_keys(ks->enc1, ks->tmp[0], rounds + 1);
-    broadcast_keys(ks->dec1, ks->tmp[1], rounds + 1);
-    klc_aesni_expand_key(key + half, half, ks->tmp[0], NULL);
-    broadcast_keys(ks->enc2, ks->tmp[0], rounds + 1);
-    klc_wipe(ks->tmp, sizeof ks->tmp);
-    ks->rounds = rounds;
+    ks->rounds = klc_aesni_expand_xts(key, key_len, 2, (uint8_t *)ks->enc1,
+                                      (uint8_t *)ks->dec1, (uint8_t *)ks->enc2, ks->tmp);
     return KLC_OK;
 }
 
