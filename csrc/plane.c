@@ -222,38 +222,57 @@ void klc_plane_reply_failed(klc_plane *p)
 
 /* ---- lifecycle ----------------------------------------------------------- */
 
-/* O_DIRECT on the backing descriptor.  Every backing transfer of the plane is
- * whole sectors at data_offset + k * sector_size, from/to page-aligned buffers
- * (the core's sector buffers; a transport's reply buffers must be page aligned
- * too), so O_DIRECT works whenever the backing accepts sector_size-aligned
+/* An O_DIRECT descriptor of the backing store.  Every backing transfer of the
+ * plane is whole sectors at data_offset + k * sector_size, from/to page-aligned
+ * buffers (the core's sector buffers; a transport's reply buffers must be page
+ * aligned too), so O_DIRECT works whenever the backing accepts sector-aligned
  * offsets and lengths: a 512-byte-sector volume on a 4096-byte-sector disk
  * does not.  Rather than reason about each filesystem's alignment rules, one
- * probe read of a sector at data_offset tells.  0 = direct now, 1 = stays
- * buffered (auto), -errno = refused. */
-static int backing_set_direct(const struct klc_plane_config *cfg)
+ * probe read of a sector at data_offset tells.
+ *
+ * The plane opens its own open file description of the same file through
+ * /proc/self/fd (checked to be the same device and inode) instead of setting
+ * O_DIRECT on the caller's: that one is shared with whoever passed it (the
+ * `klcrypt open` process, header reads through the same handle), whose small
+ * unaligned reads O_DIRECT would break.  Its own description also keeps its
+ * own errseq cursor: the control plane's fdatasync of the caller's descriptor
+ * cannot consume a writeback error before the plane's FSYNC sees it.  No path
+ * lookup happens: the magic link names the open file, not a directory entry.
+ * For a block device the new description is not O_EXCL; the caller's keeps
+ * the exclusive claim.
+ * Returns the descriptor, -1 = stays buffered (auto), or -errno = refused. */
+static int backing_open_direct(const struct klc_plane_config *cfg)
 {
-    int fl = fcntl(cfg->backing_fd, F_GETFL);
-    if (fl < 0)
+    int fd = -1, e = 0;
+    char path[64];
+    struct stat a, b;
+    snprintf(path, sizeof path, "/proc/self/fd/%d", cfg->backing_fd);
+    if (fstat(cfg->backing_fd, &a) != 0)
         return -errno;
-    if (fl & O_DIRECT)
-        return 0;                    /* the caller opened it so */
-    if (fcntl(cfg->backing_fd, F_SETFL, fl | O_DIRECT) != 0)
-        return cfg->backing_io == KLC_BACKING_AUTO ? 1 : -errno;
-    void *b = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (b == MAP_FAILED) {
-        fcntl(cfg->backing_fd, F_SETFL, fl);
-        return -ENOMEM;
+    fd = open(path, (cfg->read_only ? O_RDONLY : O_RDWR) | O_DIRECT | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0) {
+        e = errno;
+    } else if (fstat(fd, &b) != 0 || a.st_dev != b.st_dev || a.st_ino != b.st_ino ||
+               a.st_rdev != b.st_rdev) {
+        e = ESTALE;                  /* not the same file: never use it */
+    } else {
+        void *buf = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (buf == MAP_FAILED) {
+            e = ENOMEM;
+        } else {
+            ssize_t r;
+            do
+                r = pread(fd, buf, cfg->sector_size, (off_t)cfg->data_offset);
+            while (r < 0 && errno == EINTR);
+            e = r < 0 ? errno : 0;
+            munmap(buf, 4096);
+        }
     }
-    ssize_t r;
-    do
-        r = pread(cfg->backing_fd, b, cfg->sector_size, (off_t)cfg->data_offset);
-    while (r < 0 && errno == EINTR);
-    int e = r < 0 ? errno : 0;
-    munmap(b, 4096);
     if (e == 0)
-        return 0;
-    fcntl(cfg->backing_fd, F_SETFL, fl);
-    return cfg->backing_io == KLC_BACKING_AUTO ? 1 : -e;
+        return fd;
+    if (fd >= 0)
+        close(fd);
+    return cfg->backing_io == KLC_BACKING_AUTO ? -1 : -e;
 }
 
 static const struct klc_transport *transport_of(int kind)
@@ -292,18 +311,21 @@ int klc_plane_new(const struct klc_plane_config *cfg, klc_xts *ctx, klc_plane **
         if (fstat(cfg->fuse_fd, &sb) != 0 || !S_ISSOCK(sb.st_mode))
             return -EINVAL;
     }
-    int direct = 0;
+    int dfd = -1;
     if (cfg->backing_io != KLC_BACKING_BUFFERED) {
-        int rc = backing_set_direct(cfg);
-        if (rc < 0)
-            return rc;
-        direct = rc == 0;
+        dfd = backing_open_direct(cfg);
+        if (dfd < -1)
+            return dfd;
     }
     klc_plane *p = calloc(1, sizeof *p);
-    if (!p)
+    if (!p) {
+        if (dfd >= 0)
+            close(dfd);
         return -ENOMEM;
+    }
     p->cfg = *cfg;
-    p->backing_direct = direct;
+    p->backing_direct = dfd >= 0;
+    p->bfd = dfd >= 0 ? dfd : cfg->backing_fd;
     p->tp = tp;
     p->size = cfg->size;
     p->allow_discards = !!cfg->allow_discards;
@@ -424,5 +446,7 @@ void klc_plane_free(klc_plane *p)
     pthread_cond_destroy(&p->drained);
     pthread_cond_destroy(&p->rcv);
     pthread_cond_destroy(&p->ended);
+    if (p->bfd != p->cfg.backing_fd)
+        close(p->bfd);
     free(p);
 }

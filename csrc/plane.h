@@ -30,7 +30,7 @@ typedef struct klc_plane klc_plane;
 
 /* klc_plane_config.backing_io */
 #define KLC_BACKING_BUFFERED   0   /* pread/pwrite through the backing's page cache */
-#define KLC_BACKING_DIRECT     1   /* O_DIRECT, or klc_plane_new fails (-EINVAL) */
+#define KLC_BACKING_DIRECT     1   /* O_DIRECT, or klc_plane_new fails (-errno) */
 #define KLC_BACKING_AUTO       2   /* O_DIRECT where the backing takes it, else buffered */
 
 /* klc_plane_config.transport */
@@ -62,9 +62,10 @@ struct klc_plane_config {
     int allow_discards;       /* FALLOCATE(PUNCH_HOLE|KEEP_SIZE) of whole sectors punches a
                                  hole in a backing file / BLKDISCARDs a backing block device;
                                  0: EOPNOTSUPP (dm-crypt's default).  See klc_plane_set_discards. */
-    int backing_io;           /* KLC_BACKING_*: O_DIRECT on the backing descriptor (set with
-                                 F_SETFL on the caller's descriptor) after a probe read of one
-                                 sector at data_offset shows the alignment is accepted */
+    int backing_io;           /* KLC_BACKING_*: O_DIRECT through the plane's own descriptor of
+                                 the backing file (reopened via /proc/self/fd, same inode
+                                 checked) once a probe read of one sector at data_offset
+                                 shows the alignment is accepted */
 };
 
 struct klc_plane_stats {

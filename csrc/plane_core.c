@@ -204,7 +204,7 @@ static int do_read(struct klc_io *io, const struct klc_req *rq, const struct fus
         buf = rq->out;
     else if (s.nbytes > io->data_len)
         return answer_err(rq, rep, EINVAL);
-    int rc = pread_full(p->cfg.backing_fd, buf, s.nbytes, s.dev_off);
+    int rc = pread_full(p->bfd, buf, s.nbytes, s.dev_off);
     for (;;) {
         if (rc < 0) {
             ADD(read_errors, 1);
@@ -221,7 +221,7 @@ static int do_read(struct klc_io *io, const struct klc_req *rq, const struct fus
         if (!klc_ctx_failed(p, c, rc))
             return answer_err(rq, rep, EIO);   /* never return what a failed engine produced */
         /* the buffer may be garbage now: read the ciphertext again */
-        rc = pread_full(p->cfg.backing_fd, buf, s.nbytes, s.dev_off);
+        rc = pread_full(p->bfd, buf, s.nbytes, s.dev_off);
     }
     ADD(reads, 1);
     ADD(read_bytes, len);
@@ -256,9 +256,9 @@ static int write_sectors(struct klc_io *io, uint64_t off, uint64_t len, const ui
             ADD(rmw, 1);
             rc = 0;
             if (partial_head)
-                rc = pread_full(p->cfg.backing_fd, buf, ss, s.dev_off);
+                rc = pread_full(p->bfd, buf, ss, s.dev_off);
             if (rc == 0 && partial_tail && !(partial_head && one))
-                rc = pread_full(p->cfg.backing_fd, buf + last, ss, s.dev_off + last);
+                rc = pread_full(p->bfd, buf + last, ss, s.dev_off + last);
             if (rc < 0) {
                 klc_ctx_put(p);
                 ADD(read_errors, 1);
@@ -300,7 +300,7 @@ static int write_sectors(struct klc_io *io, uint64_t off, uint64_t len, const ui
         }
         klc_ctx_put(p);
         if (rc == KLC_OK) {
-            rc = pwrite_full(p->cfg.backing_fd, buf, s.nbytes, s.dev_off);
+            rc = pwrite_full(p->bfd, buf, s.nbytes, s.dev_off);
             if (rc < 0) {
                 ADD(write_errors, 1);
                 wb_error(p, -rc);
@@ -359,7 +359,7 @@ int klc_plane_sync(klc_plane *p)
         return -EINVAL;
     if (p->cfg.read_only)
         return 0;                             /* nothing was ever written */
-    if (fdatasync(p->cfg.backing_fd) != 0) {
+    if (fdatasync(p->bfd) != 0) {
         ADD(sync_errors, 1);
         wb_error(p, errno);
     } else {
@@ -445,9 +445,9 @@ static int do_discard(struct klc_io *io, const struct klc_req *rq,
     int rc;
     if (p->backing_blk) {
         uint64_t range[2] = {s.dev_off, s.nbytes};
-        rc = ioctl(p->cfg.backing_fd, BLKDISCARD, range);
+        rc = ioctl(p->bfd, BLKDISCARD, range);
     } else {
-        rc = fallocate(p->cfg.backing_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+        rc = fallocate(p->bfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                        (off_t)s.dev_off, (off_t)s.nbytes);
     }
     int err = rc != 0 ? errno : 0;

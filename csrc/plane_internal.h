@@ -57,7 +57,8 @@ struct klc_plane {
     uint64_t size;            /* bytes reported (atomic; klc_plane_set_size) */
     int allow_discards;       /* atomic; klc_plane_set_discards */
     int backing_blk;          /* the backing store is a block device (BLKDISCARD) */
-    int backing_direct;       /* O_DIRECT on the backing descriptor */
+    int backing_direct;       /* bfd is the plane's own O_DIRECT descriptor */
+    int bfd;                  /* the descriptor all backing I/O uses (cfg.backing_fd or own) */
 
     struct klc_plane_stats st;  /* counters, updated with atomics */
 };

@@ -8,8 +8,9 @@ mounts it; AES-256-XTS, 4096-byte sectors) over its own backing store:
   ram    a file on /dev/shm
 once with buffered pwrite/pread ("buffered") and once with O_DIRECT ("direct"), next to
 the raw backing store itself (fio straight on the file/device, "raw").  The last column is
-the backing store's data held in the page cache after the run (fincore): ciphertext cached a
-second time, under the plaintext the kernel caches above the plane.  The workloads of
+the backing store's data held in the page cache after the run (fincore; "-" for a block
+device, whose cache fincore does not see): ciphertext cached a second time, under the
+plaintext the kernel caches above the plane.  The workloads of
 scripts/bench_mapping.py (seq 1 MiB QD8 with end_fsync, 4 KiB QD16 O_DIRECT random),
 interleaved across all targets, best of --rounds: only ratios from one run mean anything.
 
@@ -90,6 +91,8 @@ def raw_target(kind, base, size):
 
 
 def cached_mib(path):
+    if not os.path.isfile(path):
+        return float("nan")        # fincore sees no block device's page cache
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
                          capture_output=True, text=True).stdout.strip()
     return int(out) / (1 << 20) if out.isdigit() else float("nan")
@@ -132,7 +135,8 @@ def main():
             cells.append(f"{r['MBps']:>9.0f} MB/s" if w.startswith("seq")
                          else f"{r['iops'] / 1000:>10.1f}k IOPS")
         print(f"{label:<16}" + "".join(f"{c:>14}" for c in cells)
-              + f"{row['cached_MiB']:>8.0f} MiB")
+              + (f"{row['cached_MiB']:>8.0f} MiB" if row["cached_MiB"] == row["cached_MiB"]
+                 else f"{'-':>12}"))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

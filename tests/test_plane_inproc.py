@@ -430,13 +430,31 @@ def test_resize_grows_and_shrinks_with_a_notification(tmp_path):
         h.close()
 
 
+def _direct_fds(path: str) -> list[int]:
+    """This process's descriptors of path opened with O_DIRECT."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != path:
+                continue
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                flags = int(next(l for l in f if l.startswith("flags:")).split()[1], 8)
+        except (OSError, StopIteration):
+            continue
+        if flags & os.O_DIRECT:
+            out.append(int(fd))
+    return out
+
+
 @pytest.mark.parametrize("ss", [512, 4096])
 def test_o_direct_backing_matches_the_oracle(tmp_path, ss):
     """backing_io="direct": every backing transfer is aligned (page-aligned buffers, whole sectors)."""
     with running(tmp_path, size=128 << 10, sector_size=ss, data_offset=4096,
                  backing_io="direct") as h:
         assert h.plane.stats()["backing_direct"] == 1
-        assert os.O_DIRECT & fcntl.fcntl(h.backing_fd, fcntl.F_GETFL)
+        # the plane's own descriptor is O_DIRECT; the caller's is left as it was
+        assert not os.O_DIRECT & fcntl.fcntl(h.backing_fd, fcntl.F_GETFL)
+        assert len(_direct_fds(h.path)) == 1
         model = bytearray(h.plaintext(0, h.size))
         rnd = random.Random(ss)
         for _ in range(40):
@@ -449,6 +467,7 @@ def test_o_direct_backing_matches_the_oracle(tmp_path, ss):
             assert r.body == bytes(model[max(0, off - 3):off + n + 3])
         assert h.call(fw.fsync()).error == 0
         assert h.plaintext(0, h.size) == bytes(model)
+    assert _direct_fds(h.path) == []                 # closed with the plane
 
 
 def test_o_direct_refused_or_skipped_where_the_backing_cannot(tmp_path):
@@ -461,6 +480,7 @@ def test_o_direct_refused_or_skipped_where_the_backing_cannot(tmp_path):
         try:
             assert h.plane.stats()["backing_direct"] == 0
             assert not os.O_DIRECT & fcntl.fcntl(w, fcntl.F_GETFL)
+            assert h.call(fw.fsync()).error == -errno.EINVAL     # the buffered pipe serves
         finally:
             h.close()
     finally:

@@ -12,9 +12,11 @@ STAT_FIELDS = ("reads", "writes", "read_bytes", "written_bytes", "rmw", "syncs",
                "discards", "discard_bytes", "discard_errors", "size", "allow_discards",
                "backing_direct")
 
-# backing I/O (klc_plane_config.backing_io): O_DIRECT or through the backing's page cache
+# backing I/O (klc_plane_config.backing_io): O_DIRECT or through the backing's page cache.
+# Default auto (O_DIRECT wherever the backing takes it): measured in docs/mapping.md.
 BACKING_IO = {"buffered": lib.KLC_BACKING_BUFFERED, "direct": lib.KLC_BACKING_DIRECT,
               "auto": lib.KLC_BACKING_AUTO}
+BACKING_IO_DEFAULT = "auto"
 
 # how requests reach the plane (klc_plane_config.transport)
 TRANSPORTS = {"dev": lib.KLC_TRANSPORT_DEV, "socket": lib.KLC_TRANSPORT_SOCKET,
@@ -43,7 +45,7 @@ class Plane:
                  mode: int = 0o600, max_write: int = 1 << 20, max_background: int = 64,
                  engine_threads: int = 0, lock_timeout_ms: int = 30000,
                  lock_on_key_failure: bool = False, transport: str = "dev",
-                 allow_discards: bool = False, backing_io: str = "buffered"):
+                 allow_discards: bool = False, backing_io: str = BACKING_IO_DEFAULT):
         if transport not in TRANSPORTS:
             raise errors.UsageError(f"data plane: unknown transport {transport!r}")
         if backing_io not in BACKING_IO:
