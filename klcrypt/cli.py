@@ -28,10 +28,14 @@ class Verb:
 # The verbs that work.  Order = order in --help and in klcrypt(8).
 VERBS = [
     Verb("format", "format", "create a LUKS2 volume (cryptsetup luksFormat)", secret=True),
-    Verb("open", "open", "unlock a LUKS2 volume and map it to /run/klcrypt/NAME "
-         "(--test-passphrase: only check the passphrase)", secret=True),
-    Verb("close", "close", "unmap /run/klcrypt/NAME: unmount, flush, wipe the keys"),
+    Verb("open", "open", "unlock a LUKS2 volume and map it to /dev/klcrypt/NAME and "
+         "/run/klcrypt/NAME (--test-passphrase: only check the passphrase)", secret=True),
+    Verb("close", "close", "unmap NAME: unmount, remove /dev/klcrypt/NAME, flush, wipe the "
+         "keys"),
     Verb("status", "status", "show the state of a mapping"),
+    Verb("resize", "resize", "grow or shrink a live mapping and /dev/klcrypt/NAME "
+         "(cryptsetup resize)"),
+    Verb("refresh", "refresh", "change --allow-discards on a live mapping (cryptsetup refresh)"),
     Verb("lock", "lock", "drop a mapping's key handles and block its I/O (luksSuspend)"),
     Verb("unlock", "unlock", "re-derive the key from a keyslot and resume a locked mapping "
          "(luksResume)", secret=True),

@@ -3,8 +3,9 @@
 mount(8) runs external helpers as
     /sbin/mount.klcrypt SPEC DIR [-sfnv] [-N NAMESPACE] [-o OPTIONS] [-t klcrypt[.SUBTYPE]]
 (util-linux mount(8), EXTERNAL HELPERS).  This turns that call into
-`klcrypt open SPEC NAME --mount DIR ...`: unlock the volume, map it, attach a loop
-device and mount the filesystem inside it on DIR, all in one step.  `umount DIR`
+`klcrypt open SPEC NAME --mount DIR ...`: unlock the volume, map it, attach its
+loop device (/dev/klcrypt/NAME) and mount the filesystem inside it on DIR, all in
+one step.  `umount DIR`
 tears everything down: the loop device is auto-clearing and the mapping daemon
 closes itself when the filesystem it mounted on DIR goes away.
 
@@ -73,6 +74,7 @@ class Request:
     name: str
     read_only: bool = False
     nofail: bool = False
+    discard: bool = False
     fake: bool = False
     verbose: bool = False
     fs_options: list[str] = field(default_factory=list)
@@ -201,6 +203,14 @@ def parse_argv(argv: list[str]) -> Request:
             req.read_only = False
         elif o == "nofail":
             req.nofail = True
+        elif o == "discard":
+            # crypttab's meaning (pass discards down) and the inner filesystem's
+            # (discard as files are deleted): a user who asks for one wants both
+            req.discard = True
+            req.fs_options.append(o)
+        elif o in ("no-device", "nodevice"):
+            raise HelperUsage(f"option {o} makes no sense here: the filesystem is "
+                              f"mounted from /dev/klcrypt/NAME")
         elif o in USERSPACE_OPTIONS or o.startswith(USERSPACE_PREFIXES):
             pass
         else:
@@ -218,7 +228,7 @@ def usage() -> str:
             'options (a value may be double-quoted: keyfile="/a,b"; none may start '
             "with '-'): keyfile=F, fstype=T, name=N, engine=E, keylocker=K, restore-mode=M, "
             "emulated-cpu=P, lock-before-hibernate, lock-timeout=S, "
-            "keyfile-size=B, keyfile-offset=B, key-slot=S, threads=N, transport=T, ro, nofail; "
+            "keyfile-size=B, keyfile-offset=B, key-slot=S, threads=N, transport=T, ro, discard, nofail; "
             "anything else goes to the inner filesystem")
 
 
@@ -246,6 +256,11 @@ def open_argv(req: Request, have: set[str]) -> list[str]:
         argv.append(flag if val is None else f"{flag}={val}")
     if req.read_only:
         argv.append("--read-only")
+    if req.discard:
+        if "--allow-discards" not in have:
+            raise HelperUsage("option discard is not supported by this klcrypt "
+                              "(klcrypt open has no --allow-discards)")
+        argv.append("--allow-discards")
     if req.fs_options:
         argv.append(f"--mount-options={','.join(req.fs_options)}")
     argv += ["--", req.spec, req.name]

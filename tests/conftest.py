@@ -19,21 +19,27 @@ import subprocess as _subprocess
 import sys as _sys
 
 _RUN_DIR = f"/tmp/klcrypt-test-run-{os.getpid()}"
+_DEV_DIR = f"/tmp/klcrypt-test-dev-{os.getpid()}"      # /dev/klcrypt/NAME of the tests
 _names = _itertools.count()
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _mapping_run_dir():
     old = os.environ.get("KLCRYPT_RUN_DIR")
+    old_dev = os.environ.get("KLCRYPT_DEV_DIR")
     os.environ["KLCRYPT_RUN_DIR"] = _RUN_DIR
+    os.environ["KLCRYPT_DEV_DIR"] = _DEV_DIR
     try:
         yield _RUN_DIR
     finally:
         _sweep_mappings(_RUN_DIR)
-        if old is None:
-            os.environ.pop("KLCRYPT_RUN_DIR", None)
-        else:
-            os.environ["KLCRYPT_RUN_DIR"] = old
+        import shutil
+        shutil.rmtree(_DEV_DIR, ignore_errors=True)     # symlinks only: never followed
+        for k, v in (("KLCRYPT_RUN_DIR", old), ("KLCRYPT_DEV_DIR", old_dev)):
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _sweep_mappings(run_dir):

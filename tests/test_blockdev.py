@@ -33,7 +33,7 @@ def losetup_row(dev: str) -> dict:
 
 @pytest.mark.parametrize("read_only", [False, True])
 def test_attach_configures_and_autoclears(vol, name, read_only):
-    with maputil.mapping(vol, name, read_only=read_only) as st:
+    with maputil.mapping(vol, name, read_only=read_only, no_device=True) as st:
         lp = blockdev.attach(st["file"], 4096, read_only)
         try:
             row = losetup_row(lp.path)
@@ -50,7 +50,7 @@ def test_attach_configures_and_autoclears(vol, name, read_only):
 
 
 def test_detach_while_held_clears_later(vol, name):
-    with maputil.mapping(vol, name) as st:
+    with maputil.mapping(vol, name, no_device=True) as st:
         lp = blockdev.attach(st["file"], 4096, False)
         other = os.open(lp.path, os.O_RDONLY)       # another opener (a filesystem, a user)
         try:
@@ -62,7 +62,7 @@ def test_detach_while_held_clears_later(vol, name):
 
 
 def test_node_made_and_removed(vol, name, devdir):
-    with maputil.mapping(vol, name) as st:
+    with maputil.mapping(vol, name, no_device=True) as st:
         lp = blockdev.attach(st["file"], 4096, False)
         try:
             node = blockdev.make_node(name, lp)
@@ -88,7 +88,7 @@ def test_node_replaces_a_planted_name_without_following_it(vol, name, devdir, tm
     victim.write_bytes(b"keep")
     devdir.mkdir(mode=0o755)
     os.symlink(victim, devdir / name)               # a stale or planted link
-    with maputil.mapping(vol, name) as st:
+    with maputil.mapping(vol, name, no_device=True) as st:
         lp = blockdev.attach(st["file"], 4096, False)
         try:
             blockdev.make_node(name, lp)
@@ -104,7 +104,7 @@ def test_unsafe_dev_dir_refused(vol, name, devdir, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     os.symlink(elsewhere, devdir)                   # /dev/klcrypt is a symlink: refused
-    with maputil.mapping(vol, name) as st:
+    with maputil.mapping(vol, name, no_device=True) as st:
         lp = blockdev.attach(st["file"], 4096, False)
         try:
             with pytest.raises(errors.MountError, match="not a usable directory"):
@@ -127,7 +127,7 @@ def _sha(path) -> str:
 
 
 def test_stop_discards_and_write_zeroes_change_nothing(vol, name):
-    with maputil.mapping(vol, name) as st:
+    with maputil.mapping(vol, name, no_device=True) as st:
         lp = blockdev.attach(st["file"], 4096, False, discards=True)
         try:
             assert blockdev.discards_advertised(lp)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from klcrypt import mounthelper as mh
-from klcrypt.mapping import api, system
+from klcrypt.mapping import api, blockdev, system
 
 import maputil
 
@@ -52,6 +52,18 @@ def test_parse_helper_convention():
     r = mh.parse_argv(["img", "d", "-o", "ro", "-f", "-t", "klcrypt.xfs"])
     assert r.read_only and r.fake and r.klcrypt == {"fstype": "xfs"}
     assert r.name == mh.name_for(os.path.abspath("d"))
+
+
+@pytest.mark.unit
+def test_discard_and_no_device():
+    r = mh.parse_argv(["img", "/d", "-o", "discard,noatime"])
+    assert r.discard and r.fs_options == ["discard", "noatime"]   # crypttab's and fstab's
+    argv = mh.open_argv(r, {"--allow-discards"})
+    assert "--allow-discards" in argv and "--mount-options=discard,noatime" in argv
+    with pytest.raises(mh.HelperUsage, match="no --allow-discards"):
+        mh.open_argv(r, set())
+    with pytest.raises(mh.HelperUsage, match="/dev/klcrypt/NAME"):
+        mh.parse_argv(["img", "/d", "-o", "no-device"])
 
 
 @pytest.mark.unit
@@ -208,8 +220,8 @@ def ext4_volume(tmp_path_factory):
     subprocess.run(kl + ["open", str(img), name, "--key-file", str(key)], check=True,
                    capture_output=True)
     try:
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", str(system.Paths(name).file)],
-                       check=True, capture_output=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(blockdev.node_path(name))],
+                       check=True, capture_output=True)      # no -b: the device tells mkfs
     finally:
         maputil.force_cleanup(name)
     return img, key
@@ -239,6 +251,8 @@ def _leftovers(st, img):
         out.append(f"daemon pid {st['pid']}")
     if paths.sock.exists() or paths.state.exists():
         out.append("control socket/state file")
+    if blockdev.node_path(st["name"]).is_symlink():
+        out.append(f"{blockdev.node_path(st['name'])}")
     return out
 
 

@@ -14,13 +14,14 @@ import time
 
 from .. import errors, hardening
 from ..luks2.device import DeviceHandle, open_device
-from . import protocol, system, transport
+from . import blockdev, protocol, system, transport
 from .config import DaemonConfig, MapOptions, Target
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Target", "MapOptions", "precheck", "open_mapping", "status", "close_mapping",
-           "lock", "unlock", "simulate_sleep", "device_of", "states", "alive", "cleanup_dead"]
+           "lock", "unlock", "simulate_sleep", "device_of", "states", "alive", "cleanup_dead",
+           "resize_mapping", "refresh_mapping"]
 
 READY_TIMEOUT = 120.0        # s: unlock + mount + optional mkfs-free mount
 ENV_TEST_BUS = "KLCRYPT_TEST_DBUS_ADDRESS"     # tests: logind on a private bus
@@ -57,6 +58,11 @@ def precheck(target: Target, opts: MapOptions) -> None:
         # the daemon's own lock is the authority; this only gives a faster message
         if alive(opts.name):
             raise errors.BusyError(f"mapping '{opts.name}' is already open")
+    if opts.mount_dir and opts.no_device:
+        raise errors.UsageError("--mount mounts /dev/klcrypt/NAME: it cannot go with "
+                                "--no-device")
+    if opts.allow_discards and opts.read_only:
+        raise errors.UsageError("--allow-discards: a read-only mapping discards nothing")
     if opts.mount_dir and not os.path.isdir(opts.mount_dir):
         raise errors.UsageError(f"--mount {opts.mount_dir}: not a directory")
     top = system.find_mount(os.path.abspath(opts.mount_dir)) if opts.mount_dir else None
@@ -114,6 +120,7 @@ def open_mapping(target: Target, key: bytearray, opts: MapOptions,
             device = own = open_device(target.device, write=not opts.read_only, exclusive=True)
         target.device = os.path.abspath(target.device)   # shown by status as given
         cfg = DaemonConfig(target=target, options=opts, run_dir=str(system.run_dir().absolute()),
+                           dev_dir=str(blockdev.dev_dir().absolute()),
                            device_dev=device.dev, device_ino=device.ino,
                            bus_address=os.environ.get(ENV_TEST_BUS) or "SYSTEM",
                            syslog_address=os.environ.get(ENV_TEST_SYSLOG) or "/dev/log")
@@ -269,6 +276,18 @@ def simulate_sleep(name: str, state: str) -> dict:
     return _request(name, {"cmd": "simulate-sleep", "state": state}, timeout=120.0)
 
 
+def resize_mapping(name: str, size: int | None) -> dict:
+    """Resize a live mapping to size bytes (None: to the device's end, or the
+    segment's fixed size); returns old_size, size and device_node."""
+    return _request(name, {"cmd": "resize", "size": size}, timeout=120.0)
+
+
+def refresh_mapping(name: str, allow_discards: bool) -> dict:
+    """Re-apply the flags of a live mapping (discards on or off); returns discards."""
+    return _request(name, {"cmd": "refresh", "allow_discards": bool(allow_discards)},
+                    timeout=120.0)
+
+
 def device_of(name: str) -> tuple[dict, DeviceHandle]:
     """(status, the mapped device's own descriptor) of a live mapping: `unlock`
     reads the keyslots from the file the daemon serves, never a path re-opened."""
@@ -333,7 +352,11 @@ def cleanup_dead(name: str) -> dict:
                 system.fs_umount(m)
             except OSError:
                 system.fs_umount(m, lazy=True)
-    for lp in system.loops_for(paths.file):
+    loops = system.loops_for(paths.file)
+    target = blockdev.node_target(name)
+    if target in loops or target == state.get("loop"):
+        blockdev.remove_node(name, target)          # only when it names this mapping's loop
+    for lp in loops:
         with contextlib.suppress(errors.KlcryptError):
             system.loop_detach(lp)
     if (entry is not None and entry.fstype == system.FUSE_TYPE

@@ -55,8 +55,17 @@ PROBE_CHUNKS = 64                     # where a zeroed block is looked for (see 
 PROBE_CHUNK = 256 << 10
 
 
+_dev_dir_override: str | None = None
+
+
+def use_dev_dir(path: str | None) -> None:
+    """The daemon's device directory comes from its config, never from its environment."""
+    global _dev_dir_override
+    _dev_dir_override = path
+
+
 def dev_dir() -> Path:
-    return Path(os.environ.get(ENV_DEV_DIR) or DEFAULT_DEV_DIR)
+    return Path(_dev_dir_override or os.environ.get(ENV_DEV_DIR) or DEFAULT_DEV_DIR)
 
 
 def node_path(name: str) -> Path:

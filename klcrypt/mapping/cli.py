@@ -6,6 +6,11 @@ from . import api, transport
 from .config import LOCK_TIMEOUT_MS, PLANE_THREADS
 
 ENGINES = ("auto", "kl") + RAW_KEY_ENGINES
+DISCARD_WARNING = (
+    "klcrypt: WARNING: with discards allowed, the backing device shows which sectors the "
+    "filesystem does not use (holes in an image file, trimmed blocks on a disk): an "
+    "observer can learn the filesystem type, how much is used and where. If in doubt, "
+    "do not allow discards.")
 KEYLOCKER = ("auto", "hardware", "emulated", "off")
 
 
@@ -22,7 +27,13 @@ def add_mapping_arguments(p) -> None:
     g.add_argument("--foreground", action="store_true",
                    help="serve in this process instead of detaching")
     g.add_argument("--mount", metavar="DIR", dest="mount_dir",
-                   help="also attach a loop device and mount its filesystem on DIR")
+                   help="also mount the filesystem of /dev/klcrypt/NAME on DIR")
+    g.add_argument("--no-device", action="store_true",
+                   help="make only the plaintext file, no loop device and no "
+                        "/dev/klcrypt/NAME")
+    g.add_argument("--allow-discards", action="store_true",
+                   help="pass discards (TRIM) down: holes in a backing file, BLKDISCARD on "
+                        "a backing block device (reveals which sectors are unused)")
     g.add_argument("--fstype", metavar="T", help="filesystem type for --mount")
     g.add_argument("--mount-options", metavar="O", help="mount options for --mount")
     g.add_argument("--threads", type=int, default=None,
@@ -60,6 +71,9 @@ def options_from_args(args, default_engine: str | None = None) -> api.MapOptions
         raise errors.UsageError("--mount-options needs --mount DIR")
     if args.threads is not None and not 1 <= args.threads <= 64:
         raise errors.UsageError("--threads must be in 1..64")
+    if args.no_device and args.mount_dir:
+        raise errors.UsageError("--mount mounts /dev/klcrypt/NAME: it cannot go with "
+                                "--no-device")
     if args.emulated_cpu and args.keylocker != "emulated":
         raise errors.UsageError("--emulated-cpu needs --keylocker emulated")
     given = {}                       # unset options keep MapOptions' defaults
@@ -78,7 +92,9 @@ def options_from_args(args, default_engine: str | None = None) -> api.MapOptions
         engine=args.engine or default_engine or "auto", keylocker=args.keylocker,
         foreground=args.foreground, mount_dir=args.mount_dir, fstype=args.fstype,
         mount_options=args.mount_options, direct_io=not args.page_cache,
-        transport=args.transport, verbose=bool(getattr(args, "verbose", False)), **given)
+        transport=args.transport, no_device=args.no_device,
+        allow_discards=args.allow_discards, verbose=bool(getattr(args, "verbose", False)),
+        **given)
 
 
 def _clock(t) -> str:
@@ -128,7 +144,11 @@ def format_status(st: dict) -> str:
         f"  offset:      {st['offset']} bytes",
         f"  size:        {st['size']} bytes ({mib:.1f} MiB)",
         f"  mode:        {'readonly' if st['read_only'] else 'read/write'}",
-        f"  loop:        {st['loop'] or '-'}",
+        f"  block dev:   {st['device_node']} -> {st['loop']}" if st.get("device_node")
+        else "  block dev:   - (--no-device: the file only)",
+        "  discards:    " + ("on (passed down: the backing shows unused sectors)"
+                             if st.get("discards") else "off")
+        + (f"; {st['discards_note']}" if st.get("discards_note") else ""),
         f"  mount:       {st['mount'] or '-'}",
         f"  daemon:      pid {st['pid']}, {st['threads']} threads",
         f"  transport:   {transport.describe(st.get('transport'), st.get('transport_note'))}",

@@ -5,6 +5,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from .. import errors
+from .blockdev import DEFAULT_DEV_DIR
 
 PLANE_THREADS = 16           # data plane worker threads
 READ_AHEAD_KB = 4096         # readahead window of the plaintext file (KiB)
@@ -23,6 +24,7 @@ class Target:
     key_size: int = 64
     cipher: str = "aes-xts-plain64"
     uuid: str | None = None
+    size_dynamic: bool = True        # LUKS2 segment size "dynamic": to the device's end
 
     @classmethod
     def from_volume(cls, vol) -> "Target":
@@ -30,7 +32,8 @@ class Target:
         return cls(device=vol.path, data_offset=vol.data_offset, data_size=vol.data_size,
                    sector_size=vol.sector_size, iv_tweak=getattr(vol, "iv_tweak", 0),
                    key_size=vol.key_size, cipher=getattr(vol, "cipher", "aes-xts-plain64"),
-                   uuid=getattr(vol, "uuid", None))
+                   uuid=getattr(vol, "uuid", None),
+                   size_dynamic=vol.layout.segment.size is None)
 
 
 @dataclass
@@ -54,6 +57,8 @@ class MapOptions:
     emulated_cpu: str | None = None  # --keylocker emulated: klcrypt.keylocker.model.PROFILES
     transport: str = "auto"          # klcrypt.mapping.transport.CHOICES: auto, uring, dev
     lock_before_hibernate: bool = False     # drop the key (lock) before a possible S4
+    no_device: bool = False          # only the plaintext file: no loop device, no /dev/klcrypt/NAME
+    allow_discards: bool = False     # pass discards down (cryptsetup --allow-discards)
     verbose: bool = False
 
 
@@ -66,6 +71,7 @@ class DaemonConfig:
     target: Target
     options: MapOptions
     run_dir: str                     # the run directory (absolute)
+    dev_dir: str = DEFAULT_DEV_DIR   # where /dev/klcrypt/NAME is made (tests: private)
     device_fd: int = -1              # the open device, passed to the daemon (pass_fds)
     device_dev: int = 0              # st_dev / st_ino of that device, as the client saw it
     device_ino: int = 0

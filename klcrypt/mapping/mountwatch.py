@@ -9,9 +9,9 @@ SAFETY_S anyway, in case an event was coalesced.
 
 Why this is how `umount DIR` tears a mapping down: as root, util-linux umount
 never runs a /sbin/umount.<helper> for the inner filesystem (ext4...) mounted on
-DIR, so the mapping daemon watches the table itself.  The loop device under DIR is
-auto-clearing (the kernel detaches it when the filesystem releases it), so once
-the filesystem is gone the daemon only has to flush and unmount its own file.
+DIR, so the mapping daemon watches the table itself.  The loop device under DIR
+(/dev/klcrypt/NAME) is auto-clearing: once the filesystem is gone, the daemon's
+close lets go of it, flushes and unmounts its own file.
 """
 import os
 import select
@@ -47,18 +47,3 @@ async def wait_until(gone: Callable[[], bool], path: str = "/proc/self/mountinfo
 def mounted_from(directory: str, source: str, mounts) -> bool:
     """Is there a mount on directory whose source is `source` (e.g. /dev/loop3)?"""
     return any(m.mountpoint == directory and m.source == source for m in mounts)
-
-
-def loop_is_ours(loop: str, backing: str, backing_of) -> bool:
-    """The loop device still serves `backing` (not freed, not reused by someone else)."""
-    bf = backing_of(loop)
-    return bf is not None and bf.removesuffix(" (deleted)") == os.path.abspath(str(backing))
-
-
-async def wait_loop_released(loop: str, backing: str, backing_of, timeout: float = 10.0) -> bool:
-    """Wait until the auto-clearing loop device let go of `backing`; False on timeout."""
-    with trio.move_on_after(timeout):
-        while loop_is_ours(loop, backing, backing_of):
-            await trio.sleep(0.05)
-        return True
-    return False

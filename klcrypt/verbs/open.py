@@ -13,7 +13,7 @@ from ..luks2 import digest as digest_mod
 from ..passphrase import add_key_arguments, read_from_args
 from ..printable import escape
 from ..mapping import api as mapping_api
-from ..mapping.cli import add_mapping_arguments, options_from_args
+from ..mapping.cli import DISCARD_WARNING, add_mapping_arguments, options_from_args
 from ..secret import wipe
 from ._luks2args import (add_header_argument, add_volume_key_file_argument,
                          read_volume_key_file)
@@ -95,12 +95,17 @@ def _open_mapping(args, vol) -> int:
     target = mapping_api.Target.from_volume(vol)
     # name, device and --mount are checked before the passphrase prompt
     mapping_api.precheck(target, opts)
+    if opts.allow_discards:
+        print(DISCARD_WARNING, file=sys.stderr)
     key = unlock_from_args(args, vol)
     try:
         st = mapping_api.open_mapping(target, key, opts, device=vol.device)
     finally:
         wipe(key)
-    restore = (st or {}).get("restore") or {}
+    st = st or {}
+    if st.get("discards_note"):
+        print(f"klcrypt: {opts.name}: {st['discards_note']}", file=sys.stderr)
+    restore = st.get("restore") or {}
     if restore.get("mode") or (restore.get("platform") or {}).get("platform") == "hardware":
         mode = restore.get("mode") or "none proven"
         print(f"klcrypt: {opts.name}: restore mode {escape(mode)}: "

@@ -15,7 +15,7 @@ import sys
 
 from ... import errors, hardening
 from ...exitcodes import ExitCode
-from .. import protocol, system
+from .. import blockdev, protocol, system
 from ..config import DaemonConfig
 
 log = logging.getLogger("klcrypt")
@@ -88,6 +88,7 @@ def main() -> int:
     status_fd = cfg.status_fd
     setup_logging(cfg.log_stderr, cfg.options.verbose, cfg.syslog_address)
     system.use_run_dir(cfg.run_dir)
+    blockdev.use_dev_dir(cfg.dev_dir)
     key = _read_key(0, cfg.target.key_size)
     if key is None:
         _report(status_fd, protocol.error_response(errors.UsageError("daemon: short key")))

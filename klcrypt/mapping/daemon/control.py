@@ -109,5 +109,20 @@ async def _simulate_sleep(d, req, secret):
     return await d.keeper.simulate_sleep(str(req.get("state", ""))), []
 
 
+async def _resize(d, req, secret):
+    size = req.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+        raise errors.UsageError("resize: size must be a number of bytes")
+    return await d.bdev.resize(size), []
+
+
+async def _refresh(d, req, secret):
+    allow = req.get("allow_discards")
+    if not isinstance(allow, bool):
+        raise errors.UsageError("refresh: allow_discards must be true or false")
+    return await d.bdev.refresh(allow), []
+
+
 COMMANDS = {"status": _status, "close": _close, "lock": _lock, "unlock": _unlock,
-            "device": _device, "simulate-sleep": _simulate_sleep}
+            "device": _device, "simulate-sleep": _simulate_sleep, "resize": _resize,
+            "refresh": _refresh}

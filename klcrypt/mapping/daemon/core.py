@@ -17,6 +17,7 @@ from ...restore.guard import Guard
 from .. import mountwatch, protocol, system, transport
 from ..config import DaemonConfig
 from ..plane import Plane, fuse_mount
+from .device import BlockDevice
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class Daemon:
         self.fuse_fd = -1
         self.fuse_mount: system.MountEntry | None = None   # our FUSE mount, as mounted
         self.file_id: tuple[int, int] | None = None         # the plaintext file under it
-        self.loop: str | None = None
+        self.bdev = BlockDevice(self)        # /dev/klcrypt/NAME and its loop device
         self.mount_dir: str | None = None
         self.inner_mnt_id = -1
         self.closing = False
@@ -76,6 +77,7 @@ class Daemon:
         self._step_file()
         self._step_fuse_mount()
         self._step_plane()
+        self.bdev.setup(self.stack)
         if self.opts.mount_dir:
             self._step_inner_mount()
         self.keeper.attach(self.plane, self.backing_fd, str(self.paths.file), self.mount_dir)
@@ -265,28 +267,22 @@ class Daemon:
         except OSError as e:
             log.warning("cannot set %s: %s", p, e.strerror)
 
+    @property
+    def loop(self) -> str | None:
+        """/dev/loopN under /dev/klcrypt/NAME (None with --no-device or once detached)."""
+        return self.bdev.path
+
     def _step_inner_mount(self) -> None:
+        """--mount: the filesystem of /dev/klcrypt/NAME on DIR.  The loop device is
+        auto-clearing and only the daemon's descriptor and this mount hold it, so a
+        plain `umount DIR` (then the daemon's close) leaves no loop behind."""
         o = self.opts
-        self.loop = system.loop_attach(self.paths.file, self.target.sector_size, o.read_only)
-        self.stack.callback(self._detach_loop_if_ours)
         mdir = os.path.abspath(o.mount_dir)
         system.fs_mount(self.loop, mdir, o.fstype, o.mount_options, o.read_only)
         self.mount_dir = mdir
         inner = system.find_mount(mdir)
         self.inner_mnt_id = inner.mnt_id if inner is not None else -1
         self.stack.callback(self._umount_inner_if_ours)
-        # detach now = auto-clear: the kernel frees the loop device when the
-        # filesystem lets go of it, so a plain `umount DIR` leaves no loop behind
-        system.loop_detach(self.loop)
-
-    def _detach_loop_if_ours(self) -> None:
-        if self.loop and mountwatch.loop_is_ours(self.loop, self.paths.file,
-                                                 system.loop_backing):
-            try:
-                system.loop_detach(self.loop)
-            except errors.KlcryptError as e:
-                log.warning("%s", e)
-        self.loop = None
 
     def _umount_inner_if_ours(self) -> None:
         if self.mount_dir:
@@ -314,7 +310,7 @@ class Daemon:
             "file": str(self.paths.file),
             "file_id": list(self.file_id) if self.file_id else None,
             "fuse_mnt_id": fm.mnt_id if fm else None, "fuse_dev": fm.dev if fm else None,
-            "loop": self.loop, "mount": self.mount_dir,
+            "loop": self.loop, "device_node": self.bdev.node, "mount": self.mount_dir,
             "mount_mnt_id": self.inner_mnt_id if self.mount_dir else None,
             "mounted_by_klcrypt": self.mount_dir is not None})
 
@@ -366,7 +362,7 @@ class Daemon:
                       "closing" if self.closing else "active"),
             "restore": keeper.status() if keeper else None,
             "read_only": o.read_only,
-            "loop": self.loop,
+            **self.bdev.status(),
             "mount": self.mount_dir,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
@@ -381,6 +377,10 @@ class Daemon:
                        "lock_timeout": st.get("lock_timeouts", 0),
                        "reply": st.get("reply_errors", 0)},
         }
+
+    def device_users(self) -> list[str]:
+        """Who uses /dev/klcrypt/NAME's loop device besides this daemon."""
+        return [f"{self.loop}: {u}" for u in system.loop_users(self.loop)] if self.loop else []
 
     def busy_report(self) -> list[str]:
         """Who keeps the mapping busy (other than klcrypt's own loop and mount)."""
@@ -414,13 +414,9 @@ class Daemon:
                 self.mount_dir = None
                 self.write_state()
             if self.loop:
-                # auto-clearing: usually gone with the filesystem; never detach a
-                # loop device that was freed and then reused by someone else
-                if mountwatch.loop_is_ours(self.loop, self.paths.file, system.loop_backing):
-                    await trio.to_thread.run_sync(system.loop_detach, self.loop)
-                await mountwatch.wait_loop_released(self.loop, self.paths.file,
-                                                    system.loop_backing)
-                self.loop = None
+                # the name goes, then our descriptor: auto-clear detaches the loop
+                # device once the filesystem (if any) let go of it too
+                await self.bdev.close()
                 self.write_state()
             if not self.opts.read_only:
                 await trio.to_thread.run_sync(os.fdatasync, self.backing_fd)
