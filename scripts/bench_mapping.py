@@ -4,8 +4,10 @@
 Same fio workloads on each, backing store in RAM (a tmpfs) and on disk:
   seqwrite  1 MiB blocks, QD 8, buffered        seqread  1 MiB blocks, QD 8, buffered
   randwrite 4 KiB, QD 16, O_DIRECT              randread 4 KiB, QD 16, O_DIRECT
-klcrypt serves fio on its plaintext file (/run/klcrypt/NAME, like /dev/mapper/NAME);
-the peers serve one file of the same size inside their filesystems.  All targets are
+klcrypt serves fio on its plaintext file (/run/klcrypt/NAME), and once more on its block
+device /dev/klcrypt/NAME (the loop device on that file, like /dev/mapper/NAME), so the
+table shows what the loop device costs; the peers serve one file of the same size inside
+their filesystems.  All targets are
 mounted together and every workload runs on each in turn, --rounds times (best kept),
 so a changing machine load hits all alike.  Only ratios from the same run mean
 anything; the table prints them.
@@ -64,19 +66,24 @@ def layout(path, size):
 
 @contextlib.contextmanager
 def klcrypt_target(base, size, engine, direct_io, read_ahead_kb=0, keylocker="off", tag="",
-                   transport="auto", threads=0):
+                   transport="auto", threads=0, via="file"):
     # tag: lets several mappings be open at once (scripts/bench.py interleaves them)
+    # via: "file" = fio on /run/klcrypt/NAME (no loop device), "device" = /dev/klcrypt/NAME
     img = os.path.join(base, f"kl{tag}.img")
     vol = maputil.make_volume(img, size + (16 << 20))
     name = f"bench{os.getpid()}{tag}"
     st = api.open_mapping(maputil.target(vol), bytearray(vol["key"]),
                           api.MapOptions(name=name, engine=engine, keylocker=keylocker,
                                          direct_io=direct_io, read_ahead_kb=read_ahead_kb,
-                                         transport=transport, threads=threads))
+                                         transport=transport, threads=threads,
+                                         no_device=via == "file"))
     try:
         st = api.status(name)
         label = f"{st['engine']}, {st['transport']}" + (f", {threads} threads" if threads else "")
-        yield str(system.Paths(name).file), label, st["pid"]
+        if via == "device":
+            yield st["device_node"], label + ", /dev/klcrypt", st["pid"]
+        else:
+            yield str(system.Paths(name).file), label, st["pid"]
     finally:
         maputil.force_cleanup(name)
         os.unlink(img)
@@ -233,6 +240,10 @@ def run(a):
                                                a.read_ahead_kb, tag=f"-{tp}{th}",
                                                transport=tp, threads=th))
                     nkl += 1
+            # the same stack through /dev/klcrypt/NAME: what the loop device costs
+            ctxs.append(klcrypt_target(base, size, a.engine, not a.page_cache, a.read_ahead_kb,
+                                       tag="-devnode", transport="dev", via="device"))
+            nkl += 1
             for peer in peers:
                 ctxs.append((gocryptfs_target if peer == "gocryptfs" else securefs_target)(
                     base, size))
@@ -282,11 +293,14 @@ def ratios(kls, raw):
     """io_uring against /dev/fuse (same engine, same run), and each against the raw file."""
     for w, _ in WORKLOADS:
         key = "MBps" if w.startswith("seq") else "iops"
-        dev = [v[w][key] for k, v in kls if ", dev" in k]
+        dev = [v[w][key] for k, v in kls if ", dev" in k and "/dev/klcrypt" not in k]
         uring = [v[w][key] for k, v in kls if ", uring" in k]
+        node = [v[w][key] for k, v in kls if "/dev/klcrypt" in k]
         line = f"  {w:<10}"
         if dev and uring and max(dev):
             line += f" io_uring / dev: {max(uring) / max(dev):5.2f}x"
+        if node and dev and max(dev):
+            line += f"   /dev/klcrypt (loop) / file: {max(node) / max(dev):5.2f}x"
         if raw and raw[w][key]:
             best = max(dev + uring)
             line += f"   best klcrypt / raw file: {100 * best / raw[w][key]:5.1f}%"
