@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.fuse,
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOL_SIZE = 24 << 20          # 16 MiB LUKS2 header area + 8 MiB of data
 FIO_SIZE = "6M"
-FIO_IOPS = 1000              # ~1.5 s of writes, then the verify pass
+FIO_IOPS = 500               # ~3 s of writes (the lock must come while fio still writes), then the verify pass
 
 
 def open_detached(vol, name, env=None, **opts):
