@@ -83,25 +83,17 @@ def cipher_rows(seconds: float, repeats: int) -> dict:
 
 # ---- the stacks ------------------------------------------------------------------
 
-@contextlib.contextmanager
-def raw_target(base, size):
-    """The backing file itself: no encryption, no FUSE (the ceiling)."""
-    path = os.path.join(base, "raw.img")
-    with open(path, "wb") as f:
-        f.truncate(size)
-    try:
-        yield path, "raw file (no encryption)", None
-    finally:
-        os.unlink(path)
-
-
 def targets(base: str, size: int, peers: list[str]):
     """(label, context manager) of every stack to measure."""
     from klcrypt.keylocker import hardware_unavailable_reason
-    from klcrypt.xts import available_engines
-    out = [("raw file (no encryption)", raw_target(base, size))]
+    from klcrypt.xts import available_engines, best_engine
+    out = [("raw file (no encryption)", bm.raw_target(base, size))]
+    tps = bm.transports()                 # /dev/fuse, and io_uring where the kernel offers it
     for e in available_engines():
-        out.append((f"klcrypt {e}", bm.klcrypt_target(base, size, e, True, tag=f"-{e}")))
+        # the auto engine over every transport; the others over the best one offered
+        for tp in (tps if e == best_engine() else tps[-1:]):
+            out.append((f"klcrypt {e} ({'io_uring' if tp == 'uring' else '/dev/fuse'})",
+                        bm.klcrypt_target(base, size, e, True, tag=f"-{e}-{tp}", transport=tp)))
     if hardware_unavailable_reason() is None:
         out.append(("klcrypt kl (Key Locker)", bm.klcrypt_target(
             base, size, "kl", True, keylocker="hardware", tag="-kl")))
@@ -172,6 +164,7 @@ def markdown(report: dict) -> str:
         else:
             cells = [f"{r['jobs'][j[0]][j[2]]:,}" for j in JOBS]
         lines.append(f"| {r['stack']} | " + " | ".join(cells) + " |")
+    lines += transport_lines(report["stack"])
     lines += ["", "Cipher only (`klcrypt benchmark`, AES-XTS in memory, 1 MiB calls, "
               "4 KiB sectors):", "",
               "| engine | key | encrypt MiB/s (1 core) | decrypt MiB/s (1 core) |",
@@ -180,6 +173,28 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['engine']} | {r['key_bits']} b | {r['encrypt_mibps_1core']:,} | "
                      f"{r['decrypt_mibps_1core']:,} |")
     return "\n".join(lines) + "\n"
+
+
+def transport_lines(stack: list[dict]) -> list[str]:
+    """io_uring against /dev/fuse (same engine, same run) and the best klcrypt row
+    against the raw file, per workload."""
+    ok = {r["stack"]: r["jobs"] for r in stack if "error" not in r}
+    raw = ok.get("raw file (no encryption)")
+    pairs = [(k[:-len(" (io_uring)")], ok[k]) for k in ok if k.endswith(" (io_uring)")]
+    out = []
+    for name, uring in pairs:
+        dev = ok.get(f"{name} (/dev/fuse)")
+        if not dev:
+            continue
+        cells = [f"{uring[j[0]][j[2]] / dev[j[0]][j[2]]:.2f}x" if dev[j[0]][j[2]] else "n/a"
+                 for j in JOBS]
+        out.append(f"| {name}: io_uring / /dev/fuse | " + " | ".join(cells) + " |")
+    kl = [v for k, v in ok.items() if k.startswith("klcrypt")]
+    if raw and kl:
+        cells = [f"{100 * max(v[j[0]][j[2]] for v in kl) / raw[j[0]][j[2]]:.0f}%"
+                 if raw[j[0]][j[2]] else "n/a" for j in JOBS]
+        out.append("| best klcrypt / raw file | " + " | ".join(cells) + " |")
+    return out
 
 
 def ensure_matplotlib():
@@ -290,6 +305,9 @@ def main() -> int:
     ap.add_argument("--peers", default="gocryptfs,securefs",
                     help="other encrypted filesystems to measure, where installed")
     ap.add_argument("--no-plot", action="store_true", help="JSON and Markdown only")
+    ap.add_argument("--enable-uring", action="store_true",
+                    help="switch FUSE over io_uring on for the run (restored after), so "
+                         "both transports are measured")
     args = ap.parse_args()
     if args.quick:
         args.size, args.runtime, args.repeats = 64, 1, 1
@@ -317,7 +335,9 @@ def main() -> int:
         run_dir = tempfile.mkdtemp(prefix="klcrypt-bench-run-")
         os.environ[system.ENV_RUN_DIR] = run_dir
     try:
-        report["stack"] = run_stacks(args.size, args.runtime, args.repeats, peers)
+        with bm.uring_switch(args.enable_uring):
+            report["fuse_transports"] = bm.transports()
+            report["stack"] = run_stacks(args.size, args.runtime, args.repeats, peers)
     finally:
         if run_dir:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -72,11 +72,13 @@ def klcrypt_target(base, size, engine, direct_io, read_ahead_kb=0, keylocker="of
     img = os.path.join(base, f"kl{tag}.img")
     vol = maputil.make_volume(img, size + (16 << 20))
     name = f"bench{os.getpid()}{tag}"
-    st = api.open_mapping(maputil.target(vol), bytearray(vol["key"]),
-                          api.MapOptions(name=name, engine=engine, keylocker=keylocker,
-                                         direct_io=direct_io, read_ahead_kb=read_ahead_kb,
-                                         transport=transport, threads=threads,
-                                         no_device=via == "file"))
+    opts = dict(name=name, engine=engine, keylocker=keylocker, direct_io=direct_io,
+                transport=transport, no_device=via == "file")
+    if read_ahead_kb:
+        opts["read_ahead_kb"] = read_ahead_kb
+    if threads:
+        opts["threads"] = threads        # else MapOptions' default
+    st = api.open_mapping(maputil.target(vol), bytearray(vol["key"]), api.MapOptions(**opts))
     try:
         st = api.status(name)
         label = f"{st['engine']}, {st['transport']}" + (f", {threads} threads" if threads else "")
