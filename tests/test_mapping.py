@@ -62,6 +62,8 @@ def test_open_status_close(vol, name):
                   "mount", "loop", "io", "errors"):
             assert k in full
         assert full["state"] == "active" and full["keylocker"] == "off"
+        assert full["errors"]["writeback"] == 0 and full["errors"]["writeback_errno"] == 0
+        assert isinstance(full["backing_direct_io"], bool) and full["io"]["discards"] == 0
         assert full["sector_size"] == 4096 and full["cipher"] == "aes-xts-plain64"
         assert oct(os.stat(system.Paths(name).sock).st_mode & 0o777) == "0o600"
         # unknown control command: a clean error, the daemon keeps serving

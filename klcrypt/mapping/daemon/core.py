@@ -371,11 +371,18 @@ class Daemon:
             "transport_note": self.transport_note,
             "memory": hardening.memory_status(),
             "io": {k: st.get(k, 0) for k in ("reads", "writes", "read_bytes", "written_bytes",
-                                            "rmw", "syncs", "requests")},
+                                            "rmw", "syncs", "requests", "discards",
+                                            "discard_bytes")},
             "errors": {"read": st.get("read_errors", 0), "write": st.get("write_errors", 0),
                        "sync": st.get("sync_errors", 0), "engine": st.get("engine_errors", 0),
                        "lock_timeout": st.get("lock_timeouts", 0),
-                       "reply": st.get("reply_errors", 0)},
+                       "reply": st.get("reply_errors", 0),
+                       # the latched first backing write/sync error (errseq): every
+                       # later FSYNC/FLUSH/SYNCFS fails with it until close
+                       "writeback": st.get("wb_errors", 0),
+                       "writeback_errno": st.get("wb_errno", 0),
+                       "discard": st.get("discard_errors", 0)},
+            "backing_direct_io": bool(st.get("backing_direct", 0)),
         }
 
     def device_users(self) -> list[str]:
