@@ -37,7 +37,8 @@ def add_mapping_arguments(p) -> None:
     g.add_argument("--fstype", metavar="T", help="filesystem type for --mount")
     g.add_argument("--mount-options", metavar="O", help="mount options for --mount")
     g.add_argument("--threads", type=int, default=None,
-                   help=f"data plane threads (default {PLANE_THREADS})")
+                   help=f"data plane threads (default {PLANE_THREADS}; io_uring: at "
+                        "most one per CPU queue)")
     g.add_argument("--transport", choices=transport.CHOICES, default="auto",
                    help="how FUSE requests reach the data plane: uring (FUSE over io_uring, "
                         "Linux 6.14+ with /sys/module/fuse/parameters/enable_uring = Y), "
