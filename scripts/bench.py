@@ -108,14 +108,15 @@ def targets(base: str, size: int, peers: list[str]):
 
 def run_stacks(size_mib: int, runtime: int, repeats: int, peers: list[str]) -> list[dict]:
     size = size_mib << 20
-    n = 2 + len(peers) + 4          # files of `size` in the tmpfs, with room to spare
     base = tempfile.mkdtemp(prefix="klcrypt-bench-")
+    stacks = targets(base, size, peers)      # not entered yet: nothing is made before the mount
+    n = len(stacks) + 2             # files of `size` in the tmpfs (one per stack), with room to spare
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={n * (size_mib + 32)}m", "tmpfs", base],
                    check=True)
     rows, live = [], []
     try:
         with contextlib.ExitStack() as es:
-            for label, ctx in targets(base, size, peers):
+            for label, ctx in stacks:
                 row = {"stack": label, "jobs": {}}
                 rows.append(row)
                 try:
