@@ -703,9 +703,32 @@ __attribute__((target("avx"))) static void clear_ymm(void)
                      "xmm15");
 }
 
+/* VZEROALL clears zmm0-15 whole but leaves zmm16-31 alone, and the vaes512
+ * engine keeps round keys there.  Left in place they reach memory later: the
+ * dynamic linker's lazy-binding trampoline (_dl_runtime_resolve_xsavec) and
+ * every signal frame save all vector registers on the stack (seen: a round key
+ * of the tweak half, broadcast to four lanes, on the main thread's stack after
+ * the emulated Key Locker's fast path ran vaes512). */
+__attribute__((target("avx512f"))) static void clear_zmm_hi(void)
+{
+    __asm__ volatile(
+        "vpxord %%zmm16, %%zmm16, %%zmm16\n\tvpxord %%zmm17, %%zmm17, %%zmm17\n\t"
+        "vpxord %%zmm18, %%zmm18, %%zmm18\n\tvpxord %%zmm19, %%zmm19, %%zmm19\n\t"
+        "vpxord %%zmm20, %%zmm20, %%zmm20\n\tvpxord %%zmm21, %%zmm21, %%zmm21\n\t"
+        "vpxord %%zmm22, %%zmm22, %%zmm22\n\tvpxord %%zmm23, %%zmm23, %%zmm23\n\t"
+        "vpxord %%zmm24, %%zmm24, %%zmm24\n\tvpxord %%zmm25, %%zmm25, %%zmm25\n\t"
+        "vpxord %%zmm26, %%zmm26, %%zmm26\n\tvpxord %%zmm27, %%zmm27, %%zmm27\n\t"
+        "vpxord %%zmm28, %%zmm28, %%zmm28\n\tvpxord %%zmm29, %%zmm29, %%zmm29\n\t"
+        "vpxord %%zmm30, %%zmm30, %%zmm30\n\tvpxord %%zmm31, %%zmm31, %%zmm31"
+        ::: "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24",
+        "xmm25", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31");
+}
+
 void klc_clear_vregs(void)
 {
     if (klc_cpu()->avx) {
+        if (klc_cpu()->avx512f)       /* avx512f implies the OS saves zmm state (cpu.c) */
+            clear_zmm_hi();
         clear_ymm();
         return;
     }
