@@ -122,8 +122,6 @@ void klc_pool_set_split_min(size_t bytes);
 void *klc_secure_alloc(size_t len);
 void klc_secure_free(void *p, size_t len);
 void klc_wipe(void *p, size_t len);      /* memset that the compiler keeps */
-#define KLC_BURN_STACK_MAX 32768
-void klc_burn_stack(size_t len);         /* zero len (<= 32 KiB) bytes of stack below the caller */
 
 /* ---- LUKS2 key derivation (csrc/luks2.c) -------------------------------- */
 /* hash: "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160". */

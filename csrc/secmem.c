@@ -25,19 +25,6 @@ void klc_wipe(void *p, size_t len)
     __asm__ __volatile__("" : : "r"(p) : "memory");
 }
 
-/* Zero `len` bytes of stack below the caller's frame: where the functions the
- * caller just returned from kept their locals and register spills (a raw
- * engine keeps round keys in vector registers and the compiler may spill them
- * there).  noinline, so this frame lies below the caller's; the array is
- * zeroed through klc_wipe, which the compiler keeps. */
-__attribute__((noinline)) void klc_burn_stack(size_t len)
-{
-    uint8_t buf[KLC_BURN_STACK_MAX];
-    if (len > sizeof buf)
-        len = sizeof buf;
-    klc_wipe(buf + sizeof buf - len, len);
-}
-
 void *klc_secure_alloc(size_t len)
 {
     if (len == 0)

@@ -29,10 +29,11 @@
  * handles (the same illegal-handle rules as AES*KL) into a per-thread
  * mlocked scratch page, expand the key with the best raw engine (vaes, aesni
  * or openssl, picked at context creation) into the same scratch, run that
- * engine's crypt on a stack klc_xts, then wipe the scratch, the stack below
- * (klc_burn_stack: the raw engine's register spills) and every vector
+ * engine's crypt on a stack klc_xts, then wipe the scratch and every vector
  * register, zmm16-31 too (klc_clear_vregs).  The unwrapped key and its
- * schedule never outlive the call.
+ * schedule never outlive the call: the memory scans of
+ * tests/test_keylocker_{provision,daemon}.py check it (they also find no key
+ * in the raw engines' stack frames, so those are not wiped).
  *
  * Both: crypt only reads ctx (thread-safe); contract of engine.h.
  */
@@ -342,11 +343,6 @@ struct scratch {
     uint8_t priv[];            /* the raw engine's schedule */
 };
 
-/* Stack zeroed below klemu's frame after the raw engine ran (its register
- * spills: vaes512's hot loop spills zmm registers; 16 KiB is several times the
- * deepest raw engine's frames, and costs well under a microsecond). */
-#define BURN 16384
-
 static pthread_key_t scratch_tls;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 
@@ -407,7 +403,6 @@ static int klemu_init(struct klc_xts *ctx, const uint8_t *key, size_t key_len)
     rc = klc_klm_encodekey(bits, 0, key, p->h_data, &d1);
     if (rc == KLC_OK)
         rc = klc_klm_encodekey(bits, tr, key + half, p->h_tweak, &d2);
-    klc_burn_stack(BURN);
     klc_clear_vregs();
     if (rc != KLC_OK)
         return rc;
@@ -439,7 +434,6 @@ static int klemu_crypt(const struct klc_xts *ctx, int encrypt, uint8_t *dst, con
         rc = klm_unwrap(1, bits, p->h_tweak, s->key + half);
     if (rc != KLC_OK) {
         klc_wipe(s->key, sizeof s->key);
-        klc_burn_stack(BURN);
         klc_clear_vregs();
         return rc;
     }
@@ -453,10 +447,7 @@ static int klemu_crypt(const struct klc_xts *ctx, int encrypt, uint8_t *dst, con
         raw->fini(&rctx);
     klc_wipe(s->priv, priv_len);
     klc_wipe(&rctx, sizeof rctx);
-    /* the raw engine's frames: vector registers holding round keys may have
-     * been spilled there (seen with vaes512: round keys of the tweak half) */
-    klc_burn_stack(BURN);
-    klc_clear_vregs();
+    klc_clear_vregs();     /* zmm16-31 too: vaes512 keeps round keys there */
     return rc;
 }
 
