@@ -362,13 +362,16 @@ static void report(struct uthread *t, int err)
     pthread_mutex_unlock(&st->mu);
 }
 
-/* Wake thread u if it sleeps (the message goes out with t's next enter). */
-static void wake_one(struct uthread *t, struct uthread *u)
+/* Wake thread u if it sleeps (the message goes out with t's next enter);
+ * 1 if a message was queued. */
+static int wake_one(struct uthread *t, struct uthread *u)
 {
     if (u != t && u->r.fd >= 0 && __atomic_exchange_n(&u->sleeping, 0, __ATOMIC_SEQ_CST)) {
         queue_wake(&t->r, u->r.fd);
         t->wakes_queued++;
+        return 1;
     }
+    return 0;
 }
 
 /* Wake up to n sleeping threads other than t (their next io_uring_enter
@@ -377,16 +380,8 @@ static void wake_one(struct uthread *t, struct uthread *u)
 static void wake_others(struct uthread *t, int n)
 {
     struct ustate *st = t->st;
-    for (int i = 0; i < st->nthr && n > 0; i++) {
-        struct uthread *u = &st->t[(t->idx + 1 + i) % st->nthr];
-        if (u == t || u->r.fd < 0)
-            continue;
-        if (__atomic_exchange_n(&u->sleeping, 0, __ATOMIC_SEQ_CST)) {
-            queue_wake(&t->r, u->r.fd);
-            t->wakes_queued++;
-            n--;
-        }
-    }
+    for (int i = 1; i < st->nthr && n > 0; i++)
+        n -= wake_one(t, &st->t[(t->idx + i) % st->nthr]);
 }
 
 /* An entry's command ended with an error: it is out of service for good. */
